@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session", params=["lite", "v2", "plain"])
+def hf_checkpoint(request, tmp_path_factory) -> Path:
+    """A tiny random HF checkpoint in each of the three configurations."""
+    from tiny_models import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp(f"hf_{request.param}"), request.param, seed=1)
+
+
+@pytest.fixture(scope="session")
+def hf_lite(tmp_path_factory) -> Path:
+    """The V2-Lite-like tiny checkpoint alone."""
+    from tiny_models import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("hf_lite_only"), "lite", seed=2)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared is absent ({SHARED}); it holds the DeepSeek vocabulary and corpus")
+    return SHARED
