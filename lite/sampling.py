@@ -1,4 +1,8 @@
-"""Sampling: temperature, top-k, top-p, min-p and repeat penalty, in llama.cpp's order."""
+"""Sampling: repeat penalty, top-k, top-p, min-p, then temperature — llama.cpp's default sampler order.
+
+As in llama.cpp, the filters (top-k, top-p, min-p) look at the untempered distribution and temperature is
+applied last to the surviving tokens, so changing the temperature never changes which tokens can be drawn.
+"""
 
 from __future__ import annotations
 
@@ -22,33 +26,40 @@ def apply_repeat_penalty(logits: torch.Tensor, history: list[int], penalty: floa
     """Divide positive logits (multiply negative ones) of recently seen tokens by `penalty`, as llama.cpp does."""
     if penalty == 1.0 or not history or last_n == 0:
         return logits
-    recent = torch.tensor(sorted(set(history[-last_n:])), dtype=torch.long, device=logits.device)
+    window = history[-last_n:] if last_n > 0 else history  # last_n < 0: the whole history (llama.cpp's -1)
+    recent = torch.tensor(sorted(set(window)), dtype=torch.long, device=logits.device)
     picked = logits[recent]
     logits = logits.clone()
     logits[recent] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
 
 
-def probabilities(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
-    """The distribution that `sample` draws from: [vocab] float32, zeros outside the kept set."""
+def filtered_logits(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
+    """Penalised logits [vocab] with the tokens removed by top-k, top-p and min-p set to -inf (untempered)."""
     logits = apply_repeat_penalty(logits.float(), history or [], params.repeat_penalty, params.repeat_last_n)
-    if params.temperature <= 0:
-        probs = torch.zeros_like(logits)
-        probs[int(torch.argmax(logits))] = 1.0
-        return probs
-    logits = logits / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
     if 0.0 < params.top_p < 1.0:
+        probs = torch.softmax(logits, dim=-1)
         sorted_p, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_p, dim=-1)
-        drop_sorted = cumulative - sorted_p >= params.top_p  # keep the smallest prefix reaching top_p
-        probs = probs.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), 0.0)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        drop_sorted = before >= params.top_p  # keep the smallest prefix whose mass reaches top_p (>= 1 token)
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
     if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
+    """The distribution that `sample` draws from: [vocab] float32, zeros outside the kept set."""
+    if params.temperature <= 0:
+        logits = apply_repeat_penalty(logits.float(), history or [], params.repeat_penalty, params.repeat_last_n)
+        probs = torch.zeros_like(logits)
+        probs[int(torch.argmax(logits))] = 1.0
+        return probs
+    return torch.softmax(filtered_logits(logits, params, history) / params.temperature, dim=-1)
 
 
 def sample(

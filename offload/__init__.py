@@ -1,0 +1,160 @@
+"""Where routed experts live. `build_experts` is the one entry point `lite.loader` uses (docs/DESIGN.md).
+
+Options (the same names as the CLI flags):
+- `gpu_memory`: device budget, bytes or a size string ("6GiB"); default free VRAM minus a reserve (on CPU:
+  available RAM). Dense weights, the latent cache and a workspace reserve come first; expert slots get the rest.
+- `ram_memory`: RAM budget for the host tier; default available RAM minus 2 GiB.
+- `experts_on`: "auto" (the planner decides), "device" (every expert resident in the device tier), "ram"
+  (all experts in RAM, a device LRU cache of slots), "disk" (the GGUF read on demand behind a RAM LRU).
+- `expert_cache`: device slots per MoE layer (an int up to n_experts) or a byte budget for them.
+- `prefetch`: True (lookahead 1 layer), False, or a lookahead in layers: the router of the next layer(s),
+  applied to the current residual stream, predicts experts whose copies start before they are needed.
+- `miss_policy`: "fetch" (copy the missing expert in, wait, compute on the device), "cpu" (compute it on the
+  CPU from the host copy), or "auto" (per miss, whichever the measured copy and CPU times say is faster).
+- `ctx`: context to plan the latent cache for (default 4096); `gguf_file` (passed by `lite.load`): lets the
+  planner count the dense weights and the latent cache too; `cache_scope`: "layer" (default: each layer has
+  its own slots) or "global" (one LRU over all slots); `drop_page_cache`: make disk-tier reads bypass the OS
+  page cache (for honest benchmarks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lite.errors import LiteError
+
+__all__ = ["build_experts", "ExpertEngine"]
+
+DEFAULT_CTX = 4096
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ExpertEngine":
+        from offload.engine import ExpertEngine
+
+        return ExpertEngine
+    raise AttributeError(name)
+
+
+def _lookahead(prefetch: bool | int) -> int:
+    if isinstance(prefetch, bool):
+        return 1 if prefetch else 0
+    if isinstance(prefetch, int) and prefetch >= 0:
+        return prefetch
+    raise LiteError(f"prefetch must be True, False or a lookahead in layers (got {prefetch!r})")
+
+
+def sizes_from_stacks(stacks: dict, dtype_bytes: int) -> Any:
+    """Planner sizes when only the expert stacks are known (no dense weights, no latent cache)."""
+    from offload.planner import ModelSizes, memory_bytes
+
+    first = next(iter(stacks.values()))
+    n_experts = first.gate.shape[0]
+    mem = sum(memory_bytes(r.qtype, tuple(r.shape), dtype_bytes) for r in (first.gate, first.up, first.down))
+    return ModelSizes(
+        n_layers=max(stacks) + 1,
+        moe_layers=sorted(stacks),
+        n_experts=n_experts,
+        experts_per_token=1,
+        latent_per_token_layer=0,
+        dense_bytes=0,
+        expert_bytes=mem // n_experts,
+        expert_file_bytes=sum(r.nbytes for r in (first.gate, first.up, first.down)) // n_experts,
+        context_length=DEFAULT_CTX,
+    )
+
+
+def build_experts(
+    stacks: dict,
+    predict: Callable[[int, torch.Tensor], torch.Tensor] | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    *,
+    gpu_memory: int | str | None = None,
+    ram_memory: int | str | None = None,
+    experts_on: str = "auto",
+    expert_cache: int | str | None = None,
+    prefetch: bool | int = True,
+    miss_policy: str = "auto",
+    ctx: int | None = None,
+    model_sizes: Any = None,
+    gguf_file: Any = None,
+    cache_dtype_bytes: int | None = None,
+    cache_scope: str = "layer",
+    drop_page_cache: bool = False,
+    **unknown: Any,
+):
+    """The expert backend for a model (see the module docstring for the options)."""
+    from offload.engine import ExpertEngine
+    from offload.experts import expert_from_raw, expert_from_stacks
+    from offload.planner import make_plan
+    from offload.resident import ResidentExperts
+    from offload.stores import DiskStore, RamStore
+
+    if unknown:
+        raise LiteError(f"unknown option(s) {', '.join(sorted(unknown))} for lite.load; see `lite run --help`")
+    if miss_policy not in ("auto", "fetch", "cpu"):
+        raise LiteError(f"miss_policy must be auto, fetch or cpu (got {miss_policy!r})")
+    if cache_scope not in ("layer", "global"):
+        raise LiteError(f"cache_scope must be layer or global (got {cache_scope!r})")
+    lookahead = _lookahead(prefetch)
+    device = torch.device(device)
+    if not stacks:  # a model without MoE layers
+        return ResidentExperts(stacks, device, dtype)
+    cuda = device.type == "cuda"
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    if model_sizes is None and gguf_file is not None:
+        from offload.planner import model_sizes as sizes_of
+
+        model_sizes = sizes_of(gguf_file.metadata, gguf_file.tensors, dtype_bytes)
+    sizes = model_sizes or sizes_from_stacks(stacks, dtype_bytes)
+    if cuda and miss_policy != "fetch":  # each expert twice in RAM: GPU layout for copies, CPU layout to compute
+        from offload.planner import default_budgets, parse_size
+
+        ram = parse_size(ram_memory, "ram_memory")
+        ram_memory = (default_budgets(str(device))[1] if ram is None else ram) // 2
+    plan = make_plan(
+        sizes,
+        device=str(device),
+        gpu_memory=gpu_memory,
+        ram_memory=ram_memory,
+        ctx=ctx or DEFAULT_CTX,
+        cache_dtype_bytes=cache_dtype_bytes or (2 if cuda else 4),
+        experts_on=experts_on,
+        expert_cache=expert_cache,
+    )
+    layers = sorted(stacks)
+    n_experts = sizes.n_experts
+    if plan.experts_on == "device":
+        preloaded = {(layer, e): expert_from_stacks(stacks[layer], e, device, dtype) for layer in layers
+                     for e in range(n_experts)}  # fmt: skip
+        engine = ExpertEngine(None, layers, n_experts, predict, device, preloaded[(layers[0], 0)], n_experts,
+                              cache_scope, 0, "fetch", preloaded=preloaded)  # fmt: skip
+        engine.plan, engine.stacks = plan, stacks
+        return engine
+
+    # Host copies are packed for the device's kernels (on CUDA: CUDA layout, pinned) so a copy is a plain memcpy.
+    # On CUDA, computing misses on the CPU needs a second, CPU-layout copy of each expert in RAM.
+    def build(raws: tuple, st: Any) -> Any:
+        return expert_from_raw(raws, st, "cpu", dtype, layout_for=device.type)
+
+    def build_cpu(raws: tuple, st: Any) -> Any:
+        return expert_from_raw(raws, st, "cpu", dtype)
+
+    cpu_copies = build_cpu if cuda and miss_policy != "fetch" else None
+    if plan.experts_on == "ram":
+        store: Any = RamStore(stacks, build, pin=cuda, build_cpu=cpu_copies)
+    else:
+        store = DiskStore(stacks, build, plan.ram_expert_bytes, expert_bytes=sizes.expert_bytes, pin=cuda,
+                          drop_page_cache=drop_page_cache, build_cpu=cpu_copies)  # fmt: skip
+    first = stacks[layers[0]]
+    template = build(tuple(r.slice_bytes(0) for r in (first.gate, first.up, first.down)), first)
+    engine = ExpertEngine(store, layers, n_experts, predict, device, template, plan.slots_per_layer, cache_scope,
+                          lookahead, miss_policy)  # fmt: skip
+    if isinstance(store, DiskStore):
+        store.on_read = lambda layer, n: engine.stats_.add(layer, "bytes_disk", n)
+    engine.plan, engine.stacks = plan, stacks
+    return engine

@@ -1,0 +1,215 @@
+"""Replay a routing trace (offload/trace.py format) against expert-cache policies and report hit rates.
+
+    python benchmarks/cache_sim.py trace.jsonl [--sizes 2,4,6,12] [--scope layer|global] [--json]
+
+Each MoE-layer call needs a set of experts (the union over its tokens). Like the engine, a call first counts
+the needed experts that are resident as hits, then brings in the misses, never evicting an expert of the
+same set. Policies, at a cache of C experts per layer:
+- LRU: the engine's own `SlotLRU` (so these numbers are what the engine would see without prefetch);
+- LFU: evict the expert used least often so far (ties: least recently used);
+- Belady: evict the expert whose next use is farthest in the future (clairvoyant optimum);
+- prefetch: the engine's LRU + `prefetch_plan` fed with the trace's one-layer-ahead predictions, assuming
+  every prefetch lands in time; also its precision and recall (definitions in offload/stats.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offload.policy import SlotLRU, prefetch_plan  # noqa: E402
+from offload.trace import read_trace  # noqa: E402
+
+Access = tuple[int, list[int]]  # (layer, sorted distinct experts)
+
+
+def accesses(calls: list[dict]) -> list[Access]:
+    return [(c["layer"], sorted({e for row in c["selected"] for e in row})) for c in calls]
+
+
+def lru_access(lru: SlotLRU, layer: int, experts: list[int], prefetched: set | None = None) -> tuple[int, int, int]:
+    """One layer call against the engine's LRU, exactly as `ExpertEngine.__call__` (miss_policy="fetch") does
+    it. Returns (hits, misses, prefetched experts used)."""
+    keys = [(layer, e) for e in experts]
+    hits = used = 0
+    missing = []
+    for key in keys:
+        if key in lru:
+            lru.touch(key)
+            hits += 1
+            if prefetched is not None and key in prefetched:
+                prefetched.discard(key)
+                used += 1
+        else:
+            missing.append(key)
+    deferred = []
+    for key in missing:
+        got = lru.allocate(key, set(keys))
+        if got is None:
+            deferred.append(key)
+        elif prefetched is not None:
+            prefetched.discard(got[1])
+    remaining = set(deferred)
+    for key in deferred:  # fewer slots than the set: evict experts already computed
+        got = lru.allocate(key, remaining)
+        remaining.discard(key)
+        if prefetched is not None:
+            prefetched.discard(got[1])
+    return hits, len(missing), used
+
+
+def simulate_lru(seq: list[Access], size: int, scope: str = "layer") -> dict:
+    lru = SlotLRU(sorted({layer for layer, _ in seq}), size, scope)
+    hits = misses = 0
+    for layer, experts in seq:
+        h, m, _ = lru_access(lru, layer, experts)
+        hits, misses = hits + h, misses + m
+    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
+
+
+def _per_layer(seq: list[Access]) -> dict[int, list[list[int]]]:
+    out: dict[int, list[list[int]]] = defaultdict(list)
+    for layer, experts in seq:
+        out[layer].append(experts)
+    return out
+
+
+def simulate_lfu(seq: list[Access], size: int) -> dict:
+    """Least frequently used so far; ties go to the least recently used."""
+    hits = misses = 0
+    for sets in _per_layer(seq).values():
+        freq: dict[int, int] = defaultdict(int)
+        last: dict[int, int] = {}
+        cache: set[int] = set()
+        for t, experts in enumerate(sets):
+            missing = [e for e in experts if e not in cache]
+            hits += len(experts) - len(missing)
+            misses += len(missing)
+            for i, e in enumerate(missing):
+                if len(cache) >= size:
+                    victims = [c for c in cache if c not in experts] or [c for c in cache if c not in missing[i:]]
+                    cache.discard(min(victims, key=lambda c: (freq[c], last.get(c, t), c)))
+                cache.add(e)
+            for e in experts:
+                freq[e] += 1
+                last[e] = t
+    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
+
+
+def simulate_belady(seq: list[Access], size: int) -> dict:
+    """Clairvoyant: evict the expert needed farthest in the future (never again first)."""
+    hits = misses = 0
+    for sets in _per_layer(seq).values():
+        # next_use[t][e]: index of the first call after t that needs e
+        nxt: dict[int, int] = {}
+        next_use: list[dict[int, int]] = [{} for _ in sets]
+        for t in range(len(sets) - 1, -1, -1):
+            next_use[t] = dict(nxt)
+            for e in sets[t]:
+                nxt[e] = t
+        cache: set[int] = set()
+        for t, experts in enumerate(sets):
+            missing = [e for e in experts if e not in cache]
+            hits += len(experts) - len(missing)
+            misses += len(missing)
+            for i, e in enumerate(missing):
+                if len(cache) >= size:
+                    victims = [c for c in cache if c not in experts] or [c for c in cache if c not in missing[i:]]
+                    cache.discard(max(victims, key=lambda c: (next_use[t].get(c, len(sets)), c)))
+                cache.add(e)
+    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
+
+
+def simulate_prefetch(calls: list[dict], size: int, scope: str = "layer") -> dict:
+    """The engine's policy: before each layer's call, prefetch its predicted experts into the LRU."""
+    layers = sorted({c["layer"] for c in calls})
+    lru = SlotLRU(layers, size, scope)
+    hits = misses = issued = used = 0
+    prefetched: set = set()
+    for c in calls:
+        layer = c["layer"]
+        experts = sorted({e for row in c["selected"] for e in row})
+        if c.get("predicted") is not None:
+            protected = {k for k in lru.keys() if k[0] == layer - 1} if scope == "global" else set()
+            flat = [e for row in c["predicted"] for e in row]
+            for key, _slot, evicted in prefetch_plan(lru, layer, flat, protected):
+                prefetched.discard(evicted)
+                prefetched.add(key)
+                issued += 1
+        h, m, u = lru_access(lru, layer, experts, prefetched)
+        hits, misses, used = hits + h, misses + m, used + u
+    return {
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / max(hits + misses, 1),
+        "prefetches_issued": issued,
+        "prefetches_used": used,
+        "precision": used / issued if issued else None,
+        "recall": used / (used + misses) if used + misses else None,
+    }
+
+
+def prediction_accuracy(calls: list[dict]) -> float | None:
+    """Share of selected (token, expert) pairs that the one-layer-ahead router prediction also named."""
+    right = total = 0
+    for c in calls:
+        if c.get("predicted") is None:
+            continue
+        for sel, pred in zip(c["selected"], c["predicted"]):
+            right += len(set(sel) & set(pred))
+            total += len(sel)
+    return right / total if total else None
+
+
+def report(calls: list[dict], sizes: list[int], scope: str = "layer") -> dict:
+    seq = accesses(calls)
+    rows = {}
+    for size in sizes:
+        rows[size] = {
+            "lru": simulate_lru(seq, size, scope)["hit_rate"],
+            "lfu": simulate_lfu(seq, size)["hit_rate"],
+            "belady": simulate_belady(seq, size)["hit_rate"],
+            "prefetch": simulate_prefetch(calls, size, scope),
+        }
+    return {"calls": len(calls), "prediction_accuracy": prediction_accuracy(calls), "sizes": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace")
+    ap.add_argument("--sizes", default=None, help="experts cached per layer, comma-separated")
+    ap.add_argument("--scope", default="layer", choices=["layer", "global"], help="LRU and prefetch slot scope")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    meta, calls = read_trace(args.trace)
+    k = int(meta.get("top_k") or (len(calls[0]["selected"][0]) if calls else 1))
+    n = int(meta.get("n_experts") or 0)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else sorted({k, 2 * k, 3 * k} | ({n} if n else set()))
+    rep = report(calls, sizes, args.scope)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    acc = rep["prediction_accuracy"]
+    print(
+        f"{rep['calls']} layer calls, top-{k}; one-layer-ahead prediction accuracy "
+        f"{'n/a' if acc is None else f'{acc:.3f}'}; scope {args.scope}"
+    )
+    print(
+        f"{'slots/layer':>11} {'LRU':>6} {'LFU':>6} {'Belady':>6} {'LRU+prefetch':>12} {'precision':>9} {'recall':>6}"
+    )
+    for size, r in rep["sizes"].items():
+        p = r["prefetch"]
+        prec = "n/a" if p["precision"] is None else f"{p['precision']:.3f}"
+        rec = "n/a" if p["recall"] is None else f"{p['recall']:.3f}"
+        rates = f"{r['lru']:>6.3f} {r['lfu']:>6.3f} {r['belady']:>6.3f} {p['hit_rate']:>12.3f}"
+        print(f"{size:>11} {rates} {prec:>9} {rec:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""`lite chat [MODEL]`: an interactive conversation in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from cli import common
+from lite.chat import Chat, TurnStats
+from lite.errors import LiteError
+
+HELP = """\
+/help                 this list
+/exit, /bye           leave (also Ctrl+D, or Ctrl+C twice at the prompt)
+/clear                start a new conversation (keeps the system prompt)
+/regen                answer the last message again
+/system [TEXT]        set the system prompt (empty: remove it); starts using it from the next reply
+/set NAME VALUE       change a setting: temp, top_p, top_k, min_p, max_tokens, seed, repeat_penalty
+/show                 the current settings
+/stats                expert-cache and prefetch statistics (model.stats())
+/save FILE            save the conversation as JSON
+/load FILE            restore a conversation saved with /save
+\"\"\"                   start or end a multi-line message (pasting several lines also works)
+Ctrl+C during a reply stops it and keeps the conversation."""
+
+FINISH = {"length": "[cut: max tokens reached]", "context": "[cut: context full]", "interrupted": "[stopped]"}
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    common.add_model_arg(p)
+    p.add_argument("--system", metavar="TEXT", help="system prompt (change it later with /system)")
+    common.add_context_arg(p)
+    common.add_sampling_args(p)
+    common.add_offload_args(p)
+    p.epilog = "In the chat, type /help for commands."
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(highlight=False, markup=False, soft_wrap=True)
+    params = common.sampling_params(args)
+    model, path = common.load_model(args, console)
+    ctx = common.context_size(args, model)
+    chat = Chat(model, system=args.system, params=params, max_tokens=args.max_tokens, ctx=ctx)
+    console.print(common.header_line(path, model, ctx), style="bold")
+    console.print('/help for commands · """ for several lines · Ctrl+D to exit', style="dim")
+    history = setup_readline()
+    try:
+        repl(chat, console)
+    finally:
+        save_history(history)
+    return 0
+
+
+def setup_readline() -> str | None:
+    """Arrow-key editing and history, and bracketed paste (a pasted block arrives as one message)."""
+    try:
+        import readline
+    except ImportError:  # no readline (e.g. Windows): plain input still works
+        return None
+    readline.parse_and_bind("set enable-bracketed-paste on")
+    path = os.environ.get("LITE_HISTORY", str(Path.home() / ".lite_history"))
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    return path
+
+
+def save_history(path: str | None) -> None:
+    if path:
+        import readline
+
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+
+def read_message(console: Console) -> str | None:
+    """One message; None on Ctrl+D. A line starting with \"\"\" opens a block that a \"\"\" closes."""
+    line = input(">>> ")
+    if not line.lstrip().startswith('"""'):
+        return line
+    first = line.lstrip()[3:]
+    if first.rstrip().endswith('"""') and first.strip():
+        return first.rstrip()[:-3]
+    lines = [first] if first else []
+    while True:
+        line = input("... ")
+        if line.rstrip().endswith('"""'):
+            lines.append(line.rstrip()[:-3])
+            return "\n".join(lines).strip("\n")
+        lines.append(line)
+
+
+def repl(chat: Chat, console: Console) -> None:
+    interrupts = 0
+    while True:
+        try:
+            text = read_message(console)
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts >= 2:
+                console.print()
+                return
+            console.print("\n(Ctrl+C again or Ctrl+D to exit)", style="dim")
+            continue
+        interrupts = 0
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            try:
+                if command(chat, console, text) == "exit":
+                    return
+            except LiteError as e:
+                console.print(f"error: {e}", style="red")
+            continue
+        try:
+            stream_reply(chat, console, chat.send(text))
+        except LiteError as e:
+            console.print(f"error: {e}", style="red")
+
+
+@contextmanager
+def ctrl_c_stops(chat: Chat):
+    """While a reply streams, Ctrl+C asks the chat to stop at the next token instead of raising."""
+    previous = signal.signal(signal.SIGINT, lambda *_: chat.stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stream_reply(chat: Chat, console: Console, pieces: Any) -> None:
+    out = sys.stdout
+    with ctrl_c_stops(chat):
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    s = chat.last
+    if s is None:
+        return
+    for note in s.notes:
+        console.print(note, style="yellow")
+    if s.finish in FINISH:
+        console.print(FINISH[s.finish], style="yellow")
+    console.print(footer(s), style="dim")
+
+
+def rate(tps: float | None) -> str:
+    return f"{tps:.1f} tok/s" if tps else "–"
+
+
+def footer(s: TurnStats) -> str:
+    hit = f"{100 * s.hit_rate:.0f}%" if s.hit_rate is not None else "n/a"
+    return (
+        f"prompt {s.prompt_tokens} tok {rate(s.prompt_tps)} · gen {s.gen_tokens} tok {rate(s.gen_tps)} · "
+        f"TTFT {1000 * s.ttft:.0f} ms · ctx {s.ctx_used}/{s.ctx} · expert hits {hit} · "
+        f"peak {common.human_bytes(s.peak_rss)}"
+    )
+
+
+def command(chat: Chat, console: Console, text: str) -> str | None:
+    name, _, rest = text.strip().partition(" ")
+    rest = rest.strip()
+    if name in ("/exit", "/bye", "/quit"):
+        return "exit"
+    if name in ("/help", "/?"):
+        console.print(HELP, markup=False)
+    elif name == "/clear":
+        chat.clear()
+        console.print("(new conversation)", style="dim")
+    elif name == "/regen":
+        stream_reply(chat, console, chat.regenerate())
+    elif name == "/system":
+        chat.set_system(rest or None)
+        console.print(f"(system prompt: {rest})" if rest else "(system prompt removed)", style="dim")
+    elif name == "/set":
+        key, _, value = rest.partition(" ")
+        if not key or not value.strip():
+            raise LiteError("usage: /set NAME VALUE, e.g. /set temp 0.2")
+        chat.set(key, value.strip())
+        console.print(f"({key} = {value.strip()})", style="dim")
+    elif name == "/show":
+        show_settings(chat, console)
+    elif name == "/stats":
+        show_stats(chat, console)
+    elif name in ("/save", "/load"):
+        if not rest:
+            raise LiteError(f"usage: {name} FILE")
+        if name == "/save":
+            chat.save(rest)
+            console.print(f"(saved {len(chat.messages)} messages to {rest})", style="dim")
+        else:
+            n = chat.load(rest)
+            console.print(f"(loaded {n} messages from {rest})", style="dim")
+    else:
+        raise LiteError(f"unknown command {name}; /help lists the commands")
+    return None
+
+
+def show_settings(chat: Chat, console: Console) -> None:
+    table = Table(show_header=False, box=None)
+    for k, v in chat.settings().items():
+        table.add_row(k, str(v))
+    table.add_row("system", chat.system or "(none)")
+    table.add_row("messages", str(len(chat.messages)))
+    console.print(table)
+
+
+def show_stats(chat: Chat, console: Console) -> None:
+    stats = chat.model.stats()
+    total = stats.get("total") if isinstance(stats, dict) else None
+    console.print(f"context: {len(chat.session.tokens)}/{chat.ctx} tokens in the latent cache")
+    if not total:
+        console.print("the expert backend keeps no statistics (all experts resident)", style="dim")
+        return
+    table = Table(title="expert cache (since start)", show_header=False)
+    for k, v in total.items():
+        if k.startswith("bytes"):
+            v = common.human_bytes(v)
+        elif isinstance(v, float):
+            v = f"{v:.3f}"
+        table.add_row(k, str(v))
+    for k, v in stats.items():
+        if k not in ("total", "layers") and not isinstance(v, (dict, list)):
+            table.add_row(k, str(v))
+    console.print(table)

@@ -1,0 +1,60 @@
+"""`lite plan MODEL [--gpu-mem X] [--ram X] [--ctx N]`: where the weights would go, from metadata only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a GGUF model file (only its metadata and tensor sizes are read)")
+    p.add_argument("--gpu-mem", default=None, help="device budget, e.g. 8GiB (default: free VRAM minus a reserve)")
+    p.add_argument("--ram", default=None, help="RAM budget for the experts, e.g. 32GiB (default: available RAM - 2GiB)")
+    p.add_argument("-c", "--ctx", type=int, default=None, help="context length to size the latent cache for "
+                   "(default: the model's trained context)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--experts-on", default="auto", choices=["auto", "device", "ram", "disk"],
+                   help="where routed experts live (default: decided by the budgets)")  # fmt: skip
+    p.add_argument("--expert-cache", default=None, help="device expert slots per MoE layer, or a byte size")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from offload.planner import format_bytes, plan_file
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = args.expert_cache
+    if cache is not None and cache.isdigit():
+        cache = int(cache)
+    plan, sizes = plan_file(args.model, device=device, gpu_memory=args.gpu_mem, ram_memory=args.ram, ctx=args.ctx,
+                            experts_on=args.experts_on, expert_cache=cache)  # fmt: skip
+    if args.json:
+        out = {k: v for k, v in vars(plan).items() if k != "notes"}
+        out.update(notes=plan.notes, cache_bytes=plan.cache_bytes, device_total=plan.device_total)
+        print(json.dumps(out, indent=1))
+        return 0
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(
+        f"[bold]{args.model}[/]: {len(sizes.moe_layers)} MoE layers x {sizes.n_experts} experts "
+        f"(top-{sizes.experts_per_token}), device {device}, context {plan.ctx} tokens"
+    )
+    table = Table(box=None)
+    table.add_column("what")
+    table.add_column("where")
+    table.add_column("bytes", justify="right")
+    for what, where, size in plan.rows():
+        table.add_row(what, where, size)
+    console.print(table)
+    hit = f"{plan.slots_per_layer}/{plan.n_experts}"
+    console.print(f"experts on [bold]{plan.experts_on}[/]; device cache {hit} experts per layer "
+                  f"({format_bytes(plan.cache_bytes)})")  # fmt: skip
+    for note in plan.notes:
+        console.print(f"note: {note}", style="yellow")
+    return 0

@@ -1,0 +1,92 @@
+"""`lite run [MODEL] -p PROMPT`: generate once and stream to stdout (prompt from stdin when -p is absent)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from rich.console import Console
+
+from cli import common
+from lite.chat import Chat, TurnStats, complete
+from lite.errors import LiteError
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    common.add_model_arg(p)
+    p.add_argument("-p", "--prompt", help="the prompt (default: read from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user turn")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (with --chat)")
+    p.add_argument(
+        "--json", action="store_true",
+        help="print one JSON record (text, token counts, timings) instead of streaming",
+    )  # fmt: skip
+    common.add_context_arg(p)
+    common.add_sampling_args(p, max_tokens=256)
+    common.add_offload_args(p)
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if sys.stdin.isatty():
+        raise LiteError("no prompt; pass -p PROMPT or pipe the prompt on stdin")
+    return sys.stdin.read()
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True, highlight=False, markup=False)
+    params = common.sampling_params(args)
+    prompt_text = read_prompt(args)
+    if args.system and not args.chat:
+        raise LiteError("--system needs --chat (a raw prompt has no system turn)")
+    model, path = common.load_model(args, console)
+    if model.tokenizer is None:
+        raise LiteError(f"{path.name} has no tokenizer; convert it from a folder with tokenizer.json")
+    ctx = common.context_size(args, model)
+    if args.chat:
+        chat = Chat(model, system=args.system, params=params, max_tokens=args.max_tokens, ctx=ctx)
+        pieces = chat.send(prompt_text)
+        stats_of = lambda: chat.last  # noqa: E731
+        seed = chat.seed
+    else:
+        stats = TurnStats(ctx=ctx)
+        prompt = model.tokenizer.encode(prompt_text, add_bos=True)
+        generator = torch.Generator()
+        seed = params.seed if params.seed is not None else int(torch.seed() % 2**31)
+        generator.manual_seed(seed)
+        pieces = complete(model, model.session(ctx), prompt, params, generator, args.max_tokens, stats)
+        stats_of = lambda: stats  # noqa: E731
+    if args.json:
+        for _ in pieces:
+            pass
+    else:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    s = stats_of()
+    if args.json:
+        record = {
+            "model": str(path),
+            "text": s.text,
+            "finish": s.finish,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.gen_tokens,
+            "tokens": s.token_ids,
+            "prompt_seconds": round(s.prompt_seconds, 6),
+            "generation_seconds": round(s.gen_seconds, 6),
+            "ttft_seconds": round(s.ttft, 6),
+            "prompt_tokens_per_second": s.prompt_tps,
+            "generation_tokens_per_second": s.gen_tps,
+            "expert_cache_hit_rate": s.hit_rate,
+            "seed": seed,
+        }
+        print(json.dumps(record, ensure_ascii=False))
+    elif s.finish == "length":
+        console.print("[cut: max tokens reached]", style="yellow")
+    elif s.finish == "context":
+        console.print("[cut: context full]", style="yellow")
+    return 0

@@ -1,0 +1,286 @@
+"""Model hyper-parameters (`ModelArgs`) read from a Hugging Face config.json or from GGUF metadata.
+
+`gguf_metadata_from_hf` produces the `deepseek2.*` keys that llama.cpp's convert_hf_to_gguf.py writes
+(DeepseekV2Model.set_gguf_parameters and TextModel.set_gguf_parameters), and `add_metadata` writes them
+with the value types llama.cpp uses, so a converted file loads in llama.cpp.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+import numpy as np
+
+from lite.errors import LiteError
+
+ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]  # "deepseek2"
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1·mscale·ln(scale) + 1 (1 when not scaling)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense FFN (first_k_dense_replace layers)
+    moe_intermediate_size: int  # one routed or shared expert
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    q_lora_rank: int | None  # None: q_proj (V2-Lite); else q_a_proj → norm → q_b_proj (V2)
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+    first_k_dense_replace: int
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "yarn"
+    rope_factor: float = 1.0
+    rope_original_max_position_embeddings: int | None = None
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 1.0
+    rope_mscale_all_dim: float = 0.0
+    rope_attention_factor: float | None = None  # explicit YaRN attention factor, rarely set
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Values per token and layer in the latent cache: the compressed KV plus the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
+    def rope_cos_sin_scale(self) -> float:
+        """The factor on cos/sin (transformers' `attention_scaling` for YaRN)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.rope_attention_factor is not None:
+            return self.rope_attention_factor
+        if self.rope_mscale and self.rope_mscale_all_dim:
+            return yarn_get_mscale(self.rope_factor, self.rope_mscale) / yarn_get_mscale(
+                self.rope_factor, self.rope_mscale_all_dim
+            )
+        return yarn_get_mscale(self.rope_factor)
+
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5 · yarn_mscale(factor, mscale_all_dim)²."""
+        scale = self.qk_head_dim**-0.5
+        if self.rope_type == "yarn" and self.rope_mscale_all_dim:
+            m = yarn_get_mscale(self.rope_factor, self.rope_mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelArgs:
+        """From a config.json dict: hub style (rope_theta + rope_scaling) or transformers-5 (rope_parameters)."""
+        try:
+            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+            rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+            theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+            n_experts = cfg.get("n_routed_experts") or 0
+            args = cls(
+                vocab_size=cfg["vocab_size"],
+                hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"],
+                moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+                num_hidden_layers=cfg["num_hidden_layers"],
+                num_attention_heads=cfg["num_attention_heads"],
+                kv_lora_rank=cfg.get("kv_lora_rank", 512),
+                q_lora_rank=cfg.get("q_lora_rank"),
+                qk_nope_head_dim=cfg["qk_nope_head_dim"],
+                qk_rope_head_dim=cfg["qk_rope_head_dim"],
+                v_head_dim=cfg["v_head_dim"],
+                n_routed_experts=n_experts,
+                num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+                n_shared_experts=cfg.get("n_shared_experts") or 0,
+                first_k_dense_replace=cfg.get("first_k_dense_replace")
+                if cfg.get("first_k_dense_replace") is not None
+                else (0 if n_experts else cfg["num_hidden_layers"]),
+                topk_method=cfg.get("topk_method") or "greedy",
+                n_group=cfg.get("n_group") or 1,
+                topk_group=cfg.get("topk_group") or 1,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                rope_theta=float(theta),
+                rope_type="yarn" if rope_type == "yarn" else "default",
+            )
+        except KeyError as e:
+            raise LiteError(f"config.json lacks {e.args[0]!r}; is this a DeepSeek-V2 checkpoint?") from None
+        if args.topk_method not in ("greedy", "group_limited_greedy"):
+            raise LiteError(f"topk_method {args.topk_method!r} is not supported; use a DeepSeek-V2 checkpoint")
+        if cfg.get("scoring_func", "softmax") != "softmax":
+            raise LiteError(f"scoring_func {cfg['scoring_func']!r} is not supported (DeepSeek-V2 uses softmax)")
+        if args.rope_type == "yarn":
+            args.rope_factor = float(rope["factor"])
+            args.rope_original_max_position_embeddings = rope["original_max_position_embeddings"]
+            args.rope_beta_fast = float(rope.get("beta_fast") or 32.0)
+            args.rope_beta_slow = float(rope.get("beta_slow") or 1.0)
+            args.rope_mscale = float(rope.get("mscale") or 0.0)
+            args.rope_mscale_all_dim = float(rope.get("mscale_all_dim") or 0.0)
+            attn = rope.get("attention_factor", rope.get("attn_factor"))
+            args.rope_attention_factor = None if attn is None else float(attn)
+        return args
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any]) -> ModelArgs:
+        """From `deepseek2.*` GGUF metadata, current layout (head_count_kv=1, key_length=576, *_mla keys) or older."""
+        arch = meta.get("general.architecture", ARCH)
+        if arch != ARCH:
+            raise LiteError(f"the GGUF architecture is {arch!r}, not {ARCH!r}; lite runs DeepSeek-V2 models only")
+
+        def get(key: str, default: Any = KeyError) -> Any:
+            value = meta.get(key.format(arch=ARCH), default)
+            if value is KeyError:
+                raise LiteError(
+                    f"GGUF metadata lacks {key.format(arch=ARCH)!r}; the file is not a complete deepseek2 GGUF"
+                )
+            return _f32(value) if isinstance(value, float) else value
+
+        K, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+        rope_dim = get(R.DIMENSION_COUNT)
+        if meta.get(A.KEY_LENGTH_MLA.format(arch=ARCH)) is not None:  # current layout: MQA over the latent
+            qk_head, v_head = get(A.KEY_LENGTH_MLA), get(A.VALUE_LENGTH_MLA)
+        else:  # older layout: per-head key/value lengths
+            qk_head, v_head = get(A.KEY_LENGTH), get(A.VALUE_LENGTH)
+        n_group, topk_group = get(K.EXPERT_GROUP_COUNT, 1), get(K.EXPERT_GROUP_USED_COUNT, 1)
+        gating = get(K.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))
+        if gating != gguf.ExpertGatingFuncType.SOFTMAX:
+            raise LiteError("this GGUF uses a sigmoid expert gate (DeepSeek-V3); lite supports DeepSeek-V2 only")
+        n_experts = get(K.EXPERT_COUNT, 0)
+        token_embd = meta.get("tokenizer.ggml.tokens")
+        args = cls(
+            vocab_size=get(K.VOCAB_SIZE, len(token_embd) if token_embd else KeyError),
+            hidden_size=get(K.EMBEDDING_LENGTH),
+            intermediate_size=get(K.FEED_FORWARD_LENGTH),
+            moe_intermediate_size=get(K.EXPERT_FEED_FORWARD_LENGTH, get(K.FEED_FORWARD_LENGTH)),
+            num_hidden_layers=get(K.BLOCK_COUNT),
+            num_attention_heads=get(A.HEAD_COUNT),
+            kv_lora_rank=get(A.KV_LORA_RANK),
+            q_lora_rank=get(A.Q_LORA_RANK, None),
+            qk_nope_head_dim=qk_head - rope_dim,
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=v_head,
+            n_routed_experts=n_experts,
+            num_experts_per_tok=get(K.EXPERT_USED_COUNT, 0),
+            n_shared_experts=get(K.EXPERT_SHARED_COUNT, 0),
+            first_k_dense_replace=get(K.LEADING_DENSE_BLOCK_COUNT, 0),
+            topk_method="group_limited_greedy" if n_group > 1 else "greedy",
+            n_group=n_group,
+            topk_group=topk_group,
+            norm_topk_prob=bool(get(K.EXPERT_WEIGHTS_NORM, False)),
+            routed_scaling_factor=get(K.EXPERT_WEIGHTS_SCALE, 1.0),
+            rms_norm_eps=get(A.LAYERNORM_RMS_EPS),
+            max_position_embeddings=get(K.CONTEXT_LENGTH),
+            rope_theta=get(R.FREQ_BASE, 10000.0),
+        )
+        if get(R.SCALING_TYPE, "none") == "yarn":
+            args.rope_type = "yarn"
+            args.rope_factor = get(R.SCALING_FACTOR)
+            args.rope_original_max_position_embeddings = get(R.SCALING_ORIG_CTX_LEN)
+            args.rope_beta_fast = get(R.SCALING_YARN_BETA_FAST, 32.0)
+            args.rope_beta_slow = get(R.SCALING_YARN_BETA_SLOW, 1.0)
+            # llama.cpp stores 0.1·mscale_all_dim and assumes mscale == mscale_all_dim (true for all DeepSeek-V2)
+            args.rope_mscale_all_dim = round(get(R.SCALING_YARN_LOG_MUL, 0.0) * 10.0, 6)
+            args.rope_mscale = args.rope_mscale_all_dim
+            args.rope_attention_factor = get(R.SCALING_YARN_ATTN_FACTOR, None)
+        return args
+
+
+def _f32(x: float) -> float:
+    """The shortest decimal that a float32 value round-trips to (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(x)))
+
+
+def gguf_metadata_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The `deepseek2.*` keys llama.cpp's converter writes for a DeepseekV2 config.json (not general.* or tokenizer)."""
+    args = ModelArgs.from_hf(cfg)  # validates
+    K, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    out: dict[Any, Any] = {
+        K.BLOCK_COUNT: args.num_hidden_layers,
+        K.CONTEXT_LENGTH: args.max_position_embeddings,
+        K.EMBEDDING_LENGTH: args.hidden_size,
+        K.FEED_FORWARD_LENGTH: args.intermediate_size,
+        A.HEAD_COUNT: args.num_attention_heads,
+        A.HEAD_COUNT_KV: 1,  # MLA is run as MQA over the latent
+    }
+    if args.rope_type == "yarn":
+        out[R.SCALING_TYPE] = gguf.RopeScalingType.YARN.value
+        out[R.SCALING_FACTOR] = args.rope_factor
+        out[R.SCALING_ORIG_CTX_LEN] = args.rope_original_max_position_embeddings
+        if rope.get("extrapolation_factor") is not None:
+            out[R.SCALING_YARN_EXT_FACTOR] = float(rope["extrapolation_factor"])
+        if args.rope_attention_factor is not None:
+            out[R.SCALING_YARN_ATTN_FACTOR] = args.rope_attention_factor
+        if rope.get("beta_fast") is not None:
+            out[R.SCALING_YARN_BETA_FAST] = float(rope["beta_fast"])
+        if rope.get("beta_slow") is not None:
+            out[R.SCALING_YARN_BETA_SLOW] = float(rope["beta_slow"])
+    out[R.FREQ_BASE] = args.rope_theta
+    out[A.LAYERNORM_RMS_EPS] = args.rms_norm_eps
+    if cfg.get("num_experts_per_tok") is not None:
+        out[K.EXPERT_USED_COUNT] = args.num_experts_per_tok
+    if cfg.get("n_group") is not None:
+        out[K.EXPERT_GROUP_COUNT] = args.n_group
+    if cfg.get("topk_group") is not None:
+        out[K.EXPERT_GROUP_USED_COUNT] = args.topk_group
+    out[K.EXPERT_GATING_FUNC] = int(gguf.ExpertGatingFuncType.SOFTMAX)
+    out[K.LEADING_DENSE_BLOCK_COUNT] = args.first_k_dense_replace
+    out[K.VOCAB_SIZE] = args.vocab_size
+    if args.q_lora_rank is not None:
+        out[A.Q_LORA_RANK] = args.q_lora_rank
+    out[A.KV_LORA_RANK] = args.kv_lora_rank
+    out[A.KEY_LENGTH] = args.kv_lora_rank + args.qk_rope_head_dim
+    out[A.VALUE_LENGTH] = args.kv_lora_rank
+    out[A.KEY_LENGTH_MLA] = args.qk_head_dim
+    out[A.VALUE_LENGTH_MLA] = args.v_head_dim
+    out[K.EXPERT_FEED_FORWARD_LENGTH] = args.moe_intermediate_size
+    if args.n_routed_experts:
+        out[K.EXPERT_COUNT] = args.n_routed_experts
+    out[K.EXPERT_SHARED_COUNT] = args.n_shared_experts
+    if cfg.get("routed_scaling_factor") is not None:
+        out[K.EXPERT_WEIGHTS_SCALE] = args.routed_scaling_factor
+    if args.norm_topk_prob:
+        out[K.EXPERT_WEIGHTS_NORM] = True
+    out[R.DIMENSION_COUNT] = args.qk_rope_head_dim
+    if rope.get("mscale_all_dim") is not None:
+        # llama.cpp's legacy convention (TAG_DEEPSEEK2_YARN_LOG_MUL_FIX): 0.1·mscale_all_dim
+        out[R.SCALING_YARN_LOG_MUL] = 0.1 * float(rope["mscale_all_dim"])
+    return {key.format(arch=ARCH): value for key, value in out.items()}
+
+
+def add_metadata(writer: gguf.GGUFWriter, meta: dict[str, Any]) -> None:
+    """Write `meta` (from `gguf_metadata_from_hf`) with llama.cpp's types: ints uint32, floats float32."""
+    for key, value in meta.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            raise TypeError(f"unexpected metadata value for {key}: {value!r}")

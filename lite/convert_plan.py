@@ -1,0 +1,294 @@
+"""The converter's plan: read and check an HF checkpoint's headers, then choose each GGUF tensor's type.
+
+Nothing here reads weight data: shapes come from the safetensors headers, so a plan (and `--dry-run`) is
+instant even for a large model. `lite/convert.py` streams the weights through the plan.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+from safetensors import SafetensorError, safe_open
+
+from lite.config import ModelArgs
+from lite.errors import LiteError
+from lite.gguf_names import TensorPlan, plan_tensors
+from quant.formats import can_quantize, nbytes
+
+Q = gguf.GGMLQuantizationType
+SUPPORTED_ARCHS = ("DeepseekV2ForCausalLM",)
+EXPERT_TYPES = {"q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+REST_TYPES = {"q8_0": Q.Q8_0, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+OUTTYPES = ("f32", "bf16", "f16", "q8_0")  # one type for every weight (norms and router stay F32)
+# Where a row is not a whole number of blocks: Q4_K → Q4_0 as the issue asks, then F16 as llama.cpp's converter.
+FALLBACK = {Q.Q4_K: Q.Q4_0, Q.Q4_0: Q.F16, Q.Q8_0: Q.F16}
+# The file type that names a recipe: the routed experts hold almost all weights.
+FILE_TYPES = {
+    Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+    Q.F32: gguf.LlamaFileType.ALL_F32,
+}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: how to build it (`src`), its type, and where its sources live."""
+
+    src: TensorPlan  # name, HF sources, kind ("copy" | "stack" | "k_b" | "v_b" | ...), torch-order shape
+    qtype: Q
+    role: str  # "expert" | "norm" | "router" | "rest"
+    wanted: Q  # the recipe's type before any fallback
+    in_bytes: int  # bytes of the HF source tensors
+    shards: tuple[Path, ...]  # the shard of each source
+
+    @property
+    def name(self) -> str:
+        return self.src.name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.src.shape
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def out_bytes(self) -> int:
+        return nbytes(self.shape, self.qtype)
+
+
+@dataclass
+class Checkpoint:
+    """An HF checkpoint folder with its config and the header (shape, dtype, shard) of every tensor."""
+
+    path: Path
+    config: dict[str, Any]
+    args: ModelArgs
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    shard_of: dict[str, Path]
+    shard_files: list[Path] = field(default_factory=list)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shard_files)
+
+
+def open_checkpoint(hf_dir: str | Path) -> Checkpoint:
+    """Check the folder, config and shards, and read every tensor header. Raises LiteError (one line) on bad input."""
+    path = Path(hf_dir)
+    if not path.exists():
+        raise LiteError(f"{path} does not exist; pass a Hugging Face model folder (config.json + *.safetensors)")
+    if not path.is_dir():
+        raise LiteError(f"{path} is not a directory; pass the model folder that holds config.json, not a file")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise LiteError(f"{path} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LiteError(f"{cfg_path} is not valid JSON ({e}); re-download it") from None
+    archs = config.get("architectures") or [config.get("model_type", "unknown")]
+    if not any(a in SUPPORTED_ARCHS for a in archs):
+        raise LiteError(
+            f"unsupported architecture {archs[0]!r} in {cfg_path}; lite converts DeepSeek-V2 / V2-Lite "
+            f"({', '.join(SUPPORTED_ARCHS)}) only"
+        )
+    args = ModelArgs.from_hf(config)
+    shard_files = _shard_files(path)
+    shapes, dtypes, shard_of = {}, {}, {}
+    for shard in shard_files:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    shapes[name], dtypes[name], shard_of[name] = tuple(sl.get_shape()), sl.get_dtype(), shard
+        except SafetensorError as e:
+            raise LiteError(f"{shard} is truncated or corrupt ({e}); re-download it") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        for name, shard in json.loads(index.read_text()).get("weight_map", {}).items():
+            if name not in shard_of:
+                raise LiteError(f"{shard} lacks {name}, which {index.name} lists; the shard is damaged: re-download it")
+    return Checkpoint(path, config, args, shapes, dtypes, shard_of, shard_files)
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LiteError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (path / name).is_file():
+                raise LiteError(f"shard {name} listed in {index.name} is missing from {path}; download it")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LiteError(f"{path} has no *.safetensors files; lite converts safetensors checkpoints only")
+    return files
+
+
+def expected_shape(name: str, args: ModelArgs) -> tuple[int, ...] | None:
+    """The torch-order shape config.json implies for a GGUF tensor name (None for names it cannot tell)."""
+    a = args
+    h, d, qk = a.num_attention_heads, a.hidden_size, a.qk_head_dim
+    shexp = a.moe_intermediate_size * a.n_shared_experts
+    n_exp, moe = a.n_routed_experts, a.moe_intermediate_size
+    base = name.split(".")[-2] if name.startswith("blk.") else name.rsplit(".", 1)[0]
+    table: dict[str, tuple[int, ...]] = {
+        "token_embd": (a.vocab_size, d),
+        "output": (a.vocab_size, d),
+        "output_norm": (d,),
+        "attn_norm": (d,),
+        "ffn_norm": (d,),
+        "attn_q": (h * qk, d),
+        "attn_q_a": (a.q_lora_rank or 0, d),
+        "attn_q_a_norm": (a.q_lora_rank or 0,),
+        "attn_q_b": (h * qk, a.q_lora_rank or 0),
+        "attn_kv_a_mqa": (a.kv_lora_rank + a.qk_rope_head_dim, d),
+        "attn_kv_a_norm": (a.kv_lora_rank,),
+        "attn_kv_b": (h * (a.qk_nope_head_dim + a.v_head_dim), a.kv_lora_rank),
+        "attn_k_b": (h, a.kv_lora_rank, a.qk_nope_head_dim),
+        "attn_v_b": (h, a.v_head_dim, a.kv_lora_rank),
+        "attn_output": (d, h * a.v_head_dim),
+        "ffn_gate": (a.intermediate_size, d),
+        "ffn_up": (a.intermediate_size, d),
+        "ffn_down": (d, a.intermediate_size),
+        "ffn_gate_inp": (n_exp, d),
+        "ffn_gate_exps": (n_exp, moe, d),
+        "ffn_up_exps": (n_exp, moe, d),
+        "ffn_down_exps": (n_exp, d, moe),
+        "ffn_gate_shexp": (shexp, d),
+        "ffn_up_shexp": (shexp, d),
+        "ffn_down_shexp": (d, shexp),
+    }
+    return table.get(base)
+
+
+def role_of(name: str, shape: tuple[int, ...]) -> str:
+    """Which recipe slot a GGUF tensor falls in."""
+    if name.endswith(("_exps.weight",)):
+        return "expert"
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return "norm"  # llama.cpp keeps 1-D tensors and norms in F32
+    if ".ffn_gate_inp." in name:
+        return "router"  # and the router: routing is sensitive to small errors
+    return "rest"
+
+
+def resolve_types(outtype: str | None, experts: str | None, rest: str | None) -> tuple[Q, Q]:
+    """The experts' and the other weights' types from the user's options (LiteError for unknown names)."""
+    if outtype is not None and outtype.lower() not in OUTTYPES:
+        raise LiteError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    base = outtype.lower() if outtype else None
+    e = (experts or base or "q4_k").lower()
+    r = (rest or base or "q8_0").lower()
+    if e not in EXPERT_TYPES:
+        raise LiteError(f"unknown --experts {experts!r}; choose one of {', '.join(EXPERT_TYPES)}")
+    if r not in REST_TYPES:
+        raise LiteError(f"unknown --rest {rest!r}; choose one of {', '.join(REST_TYPES)}")
+    return EXPERT_TYPES[e], REST_TYPES[r]
+
+
+def plan(ckpt: Checkpoint, expert_type: Q, rest_type: Q, legacy_kv_b: bool = False) -> list[PlannedTensor]:
+    """Every output tensor in file order, with its type; checks every shape against config.json."""
+    args = ckpt.args
+    tie = bool(ckpt.config.get("tie_word_embeddings", False))
+    srcs = plan_tensors(ckpt.shapes, args, tie_word_embeddings=tie)
+    if legacy_kv_b:  # the single attn_kv_b of older llama.cpp files, so the loader's legacy path gets tested
+        legacy = []
+        for p in srcs:
+            if p.kind == "k_b":
+                legacy.append(
+                    TensorPlan(p.name.replace("attn_k_b", "attn_kv_b"), p.sources, "copy", ckpt.shapes[p.sources[0]])
+                )
+            elif p.kind != "v_b":
+                legacy.append(p)
+        srcs = legacy
+    _check_shapes(ckpt, srcs)
+    out = []
+    for p in srcs:
+        role = role_of(p.name, p.shape)
+        wanted = {"expert": expert_type, "rest": rest_type}.get(role, Q.F32)
+        qtype = wanted
+        while not can_quantize(p.shape, qtype):
+            qtype = FALLBACK[qtype]
+        in_bytes = sum(_n(ckpt.shapes[s]) * _DTYPE_BYTES.get(ckpt.dtypes[s], 4) for s in p.sources)
+        if p.kind == "v_b":
+            in_bytes = 0  # k_b and v_b share one source; count its bytes once (with k_b)
+        shards = tuple(ckpt.shard_of[s] for s in p.sources)
+        out.append(PlannedTensor(p, qtype, role, wanted, in_bytes, shards))
+    return out
+
+
+def _check_shapes(ckpt: Checkpoint, srcs: list[TensorPlan]) -> None:
+    """Each tensor (and each expert of a stack) against config.json; every expected tensor present."""
+    args, seen = ckpt.args, set()
+    for p in srcs:
+        seen.add(p.name)
+        want = expected_shape(p.name, args)
+        if want is None:
+            continue
+        if p.kind == "stack":
+            for s in p.sources:
+                if ckpt.shapes[s] != want[1:]:
+                    raise LiteError(
+                        f"{s} has shape {list(ckpt.shapes[s])} but config.json implies {list(want[1:])}; "
+                        "the config and weights do not match"
+                    )
+        if p.shape != want:
+            raise LiteError(
+                f"{p.sources[0]} has shape {list(p.shape)} but config.json implies {list(want)}; "
+                "the config and weights do not match"
+            )
+    legacy = any(".attn_kv_b." in n for n in seen)
+    tied = bool(ckpt.config.get("tie_word_embeddings", False))
+    missing = [n for n in _required_names(args, legacy, tied) if n not in seen]
+    if missing:
+        raise LiteError(
+            f"the checkpoint lacks the tensor for {missing[0]} (and {len(missing) - 1} more); re-download it"
+        )
+
+
+def _required_names(args: ModelArgs, legacy_kv_b: bool, tied: bool) -> list[str]:
+    names = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
+    for i in range(args.num_hidden_layers):
+        attn = ["attn_norm", "ffn_norm", "attn_kv_a_mqa", "attn_kv_a_norm", "attn_output"]
+        attn += ["attn_q_a", "attn_q_a_norm", "attn_q_b"] if args.q_lora_rank else ["attn_q"]
+        attn += ["attn_kv_b"] if legacy_kv_b else ["attn_k_b", "attn_v_b"]
+        if args.is_moe_layer(i):
+            ffn = ["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+            ffn += ["ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp"] if args.n_shared_experts else []
+        else:
+            ffn = ["ffn_gate", "ffn_up", "ffn_down"]
+        names += [f"blk.{i}.{n}.weight" for n in attn + ffn]
+    return names
+
+
+def file_type(tensors: list[PlannedTensor]) -> gguf.LlamaFileType:
+    """general.file_type: named after the routed experts' type (or the largest tensor's when there are none)."""
+    experts = [t for t in tensors if t.role == "expert"]
+    main = max(experts or tensors, key=lambda t: t.n_elements).wanted
+    return FILE_TYPES.get(main, gguf.LlamaFileType.GUESSED)
+
+
+def _n(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,108 @@
+"""Sessions (a conversation held in one latent cache) and streaming generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lite.cache import LatentCache
+from lite.errors import LiteError
+from lite.sampling import SamplingParams, sample
+
+PREFILL_CHUNK = 256  # tokens per forward in prefill: bounds the [H, T, S] score tensor
+
+
+class Session:
+    """`feed` tokens into a latent cache of `ctx` tokens; `rewind(n)` keeps the first n; `reset()` empties it."""
+
+    def __init__(self, model, ctx: int, cache_dtype: torch.dtype | None = None):
+        self.model = model
+        self.ctx = ctx
+        self.tokens: list[int] = []
+        self.cache = LatentCache(model.config, ctx, model.device, cache_dtype or model.cache_dtype)
+
+    def feed(self, ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        """Append `ids`; float32 logits [vocab] for the last position, or [len(ids), vocab] with all_logits."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise LiteError("nothing to feed: pass at least one token id")
+        if len(self.tokens) + len(ids) > self.ctx:
+            raise LiteError(
+                f"context full: {len(self.tokens)} + {len(ids)} tokens exceed ctx={self.ctx}; "
+                "rewind or reset the session, or open one with a larger ctx"
+            )
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise LiteError(f"token id out of range 0..{vocab - 1}: {max(ids) if max(ids) >= vocab else min(ids)}")
+        outs = []
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[i : i + PREFILL_CHUNK]
+            last = i + PREFILL_CHUNK >= len(ids)
+            start = len(self.tokens)
+            tokens = torch.tensor(chunk, dtype=torch.long)
+            logits = self.model.transformer.forward(tokens, self.cache, start, all_logits=all_logits)
+            self.tokens.extend(chunk)
+            if all_logits or last:
+                outs.append(logits)
+        return torch.cat(outs) if all_logits else outs[-1][-1]
+
+    def rewind(self, n: int) -> None:
+        """Keep only the first `n` tokens (later cache rows are simply overwritten by the next feed)."""
+        if not 0 <= n <= len(self.tokens):
+            raise LiteError(f"cannot rewind to {n}: the session holds {len(self.tokens)} tokens")
+        del self.tokens[n:]
+
+    def reset(self) -> None:
+        self.tokens.clear()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def generate(
+    model,
+    tokens: Sequence[int],
+    max_tokens: int = 256,
+    temperature: float = SamplingParams.temperature,
+    top_k: int = SamplingParams.top_k,
+    top_p: float = SamplingParams.top_p,
+    min_p: float = SamplingParams.min_p,
+    repeat_penalty: float = SamplingParams.repeat_penalty,
+    seed: int | None = None,
+    session: Session | None = None,
+    stop: Sequence[int] | None = None,
+) -> Iterator[int]:
+    """Yield up to `max_tokens` sampled token ids after the prompt `tokens`; stops before eos or a `stop` id.
+
+    With `session`, the prompt re-uses the prefix the session already holds (only the rest is prefilled), and
+    the session ends holding the prompt and every yielded token except the last (it is fed on the next step).
+    The same seed gives the same tokens.
+    """
+    tokens = [int(t) for t in tokens]
+    if not tokens:
+        raise LiteError("generate needs a non-empty prompt (at least a BOS token)")
+    params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+    if session is None:
+        session = model.session(min(len(tokens) + max_tokens, model.max_context))
+    keep = min(common_prefix(session.tokens, tokens), len(tokens) - 1)  # feed at least one token for logits
+    session.rewind(keep)
+    logits = session.feed(tokens[keep:])
+    stops = set(stop or ())
+    if model.eos_token_id is not None:
+        stops.add(model.eos_token_id)
+    for i in range(max_tokens):
+        tok = sample(logits, params, session.tokens, generator)
+        if tok in stops:
+            return
+        yield tok
+        if i + 1 == max_tokens or len(session.tokens) >= session.ctx:
+            return
+        logits = session.feed([tok])

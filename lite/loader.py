@@ -1,0 +1,141 @@
+"""GGUF → `Model`: `lite.load(path, device="auto", dtype=None, **offload_options)`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lite.config import ModelArgs
+from lite.errors import LiteError
+from lite.generate import Session, generate
+from lite.model import Transformer, rms_norm, route
+from lite.weights import load_weights
+
+DEFAULT_CTX = 4096  # a session's default capacity (the model may allow far more: max_position_embeddings)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LiteError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
+    if device.type not in ("cpu", "cuda"):
+        raise LiteError(f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda'")
+    return device
+
+
+class Model:
+    """A loaded DeepSeek-V2 model. See docs/DESIGN.md for the public contract."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        tensors: Mapping[str, Any],
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        tokenizer: Any = None,
+        cache_dtype: torch.dtype | None = None,
+        **options: Any,
+    ):
+        import offload
+
+        self.config = args
+        self.device = resolve_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.cache_dtype = cache_dtype or self.dtype  # bf16 on CUDA, float32 on CPU by default
+        self.metadata = dict(metadata or {})
+        self.tokenizer = tokenizer
+        weights, stacks = load_weights(args, tensors, self.device, self.dtype)
+
+        def predict(layer: int, h: torch.Tensor) -> torch.Tensor:
+            """That layer's ffn_norm + router applied to the residual h [T, hidden] -> expert ids [T, k]."""
+            w = weights.layers[layer]
+            return route(args, w.router, rms_norm(h, w.ffn_norm, args.rms_norm_eps))[0]
+
+        self.experts = offload.build_experts(stacks, predict, self.device, self.dtype, **options)
+        self.transformer = Transformer(args, weights, self.experts, self.device, self.dtype)
+        eos = self.metadata.get("tokenizer.ggml.eos_token_id")
+        if eos is None and tokenizer is not None:
+            eos = getattr(tokenizer, "eos_id", None)
+        self.eos_token_id: int | None = eos
+        self.max_context = args.max_position_embeddings
+
+    def session(self, ctx: int | None = None) -> Session:
+        """A conversation in one latent cache of `ctx` tokens (default min(4096, the model's context))."""
+        ctx = ctx or min(DEFAULT_CTX, self.max_context)
+        if not 0 < ctx <= self.max_context:
+            raise LiteError(f"ctx={ctx} is out of range; this model allows 1..{self.max_context} tokens")
+        return Session(self, ctx)
+
+    def logits(self, tokens: Sequence[int]) -> torch.Tensor:
+        """float32 [len(tokens), vocab] on the CPU: a full causal forward from an empty cache."""
+        tokens = list(tokens)
+        if not tokens:
+            raise LiteError("logits needs at least one token id")
+        if len(tokens) > self.max_context:
+            raise LiteError(f"{len(tokens)} tokens exceed the model's context of {self.max_context}")
+        return self.session(len(tokens)).feed(tokens, all_logits=True).cpu()
+
+    def generate(self, tokens: Sequence[int], **kwargs: Any) -> Iterator[int]:
+        """Stream sampled token ids; keywords as `lite.generate.generate` (SamplingParams names, seed, stop...)."""
+        return generate(self, tokens, **kwargs)
+
+    def stats(self) -> dict:
+        stats = getattr(self.experts, "stats", None)
+        return stats() if callable(stats) else {}
+
+    def reset_stats(self) -> None:
+        reset = getattr(self.experts, "reset_stats", None)
+        if callable(reset):
+            reset()
+
+    def __repr__(self) -> str:
+        a = self.config
+        return (
+            f"Model({a.num_hidden_layers} layers, hidden {a.hidden_size}, {a.n_routed_experts} experts "
+            f"top-{a.num_experts_per_tok}, device={self.device}, dtype={self.dtype})"
+        )
+
+
+def _load_tokenizer(gguf_file) -> Any:
+    if "tokenizer.ggml.tokens" not in gguf_file.metadata:
+        return None
+    try:
+        from lite.tokenizer import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_gguf(gguf_file)
+
+
+def load(
+    path: str,
+    device: str = "auto",
+    dtype: torch.dtype | None = None,
+    cache_dtype: torch.dtype | None = None,
+    **options: Any,
+) -> Model:
+    """Load a DeepSeek-V2 GGUF (ours or llama.cpp's, split k_b/v_b or legacy kv_b).
+
+    device: "auto" | "cpu" | "cuda"; dtype: compute dtype (default bf16 on CUDA, float32 on CPU);
+    cache_dtype: latent cache dtype (same defaults); options go to `offload.build_experts`
+    (gpu_memory, ram_memory, experts_on, expert_cache, prefetch, miss_policy).
+    """
+    from quant.gguf_file import GGUFFile
+
+    f = GGUFFile(path)  # raises LiteError for a missing or garbled file
+    args = ModelArgs.from_gguf(f.metadata)
+    options.setdefault("gguf_file", f)  # lets the offload planner count the dense weights too
+    return Model(
+        args,
+        f.tensors,
+        device=device,
+        dtype=dtype,
+        metadata=f.metadata,
+        tokenizer=_load_tokenizer(f),
+        cache_dtype=cache_dtype,
+        **{"gguf_file": f, **options},  # lets the offload planner count dense weights and the latent cache
+    )

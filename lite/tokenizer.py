@@ -1,0 +1,344 @@
+"""The DeepSeek LLM byte-level BPE tokenizer, built on the `tokenizers` library and read from GGUF or HF files.
+
+It reproduces llama.cpp's `deepseek-llm` tokenizer: the same pre-tokenizer splits, the same BPE merges, and the
+same treatment of token types (control tokens are parsed from text only on request, user-defined tokens always;
+user-defined tokens decode to their raw text, normal tokens through the byte-level map).
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import re
+from typing import Any
+
+from gguf.vocab import bytes_to_unicode
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from lite.chat_template import render_chat_template
+from lite.errors import LiteError
+
+# llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK_LLM regexes, which are DeepSeek's HF `Split` pre-tokenizers.
+# The character classes are kept as code-point ranges because several of their end points (Greek with oxia,
+# OHM SIGN, KELVIN SIGN) have canonical equivalents; literal characters can be silently NFC-normalised by
+# editors, which turns a range such as U+1F5F..U+1F7D into the empty U+1F5F..U+03CE.
+# fmt: off
+_CASED_LETTERS = (  # a subset of the cased letters (Lu, Ll, Lt), as listed by DeepSeek
+    (0x0041, 0x005A), (0x0061, 0x007A), (0x00B5, 0x00B5), (0x00C0, 0x00D6), (0x00D8, 0x00F6), (0x00F8, 0x01BA),
+    (0x01BC, 0x01BF), (0x01C4, 0x0293), (0x0295, 0x02AF), (0x0370, 0x0373), (0x0376, 0x0377), (0x037B, 0x037D),
+    (0x037F, 0x037F), (0x0386, 0x0386), (0x0388, 0x038A), (0x038C, 0x038C), (0x038E, 0x03A1), (0x03A3, 0x03F5),
+    (0x03F7, 0x0481), (0x048A, 0x052F), (0x0531, 0x0556), (0x10A0, 0x10C5), (0x13A0, 0x13F5), (0x13F8, 0x13FD),
+    (0x1C90, 0x1CBA), (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A), (0x1E00, 0x1F15),
+    (0x1F18, 0x1F1D), (0x1F20, 0x1F45), (0x1F48, 0x1F4D), (0x1F50, 0x1F57), (0x1F59, 0x1F59), (0x1F5B, 0x1F5B),
+    (0x1F5D, 0x1F5D), (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4), (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE), (0x1FC2, 0x1FC4),
+    (0x1FC6, 0x1FCC), (0x1FD0, 0x1FD3), (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4), (0x1FF6, 0x1FFC),
+    (0x2102, 0x2102), (0x2107, 0x2107), (0x210A, 0x2113), (0x2115, 0x2115), (0x2119, 0x211D), (0x2124, 0x2124),
+    (0x2126, 0x2126), (0x2128, 0x2128), (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, 0x2139), (0x213C, 0x213F),
+    (0x2145, 0x2149), (0x214E, 0x214E), (0x2183, 0x2184), (0x2C00, 0x2C7B), (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE),
+    (0x2CF2, 0x2CF3), (0xA640, 0xA66D), (0xA680, 0xA69B), (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E),
+    (0xAB70, 0xABBF), (0xFB00, 0xFB06), (0xFB13, 0xFB17), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F),
+    (0x104B0, 0x104D3), (0x104D8, 0x104FB), (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF),
+    (0x1E900, 0x1E943),
+)
+# fmt: on
+_PUNCTUATION = ((0x21, 0x2F), (0x3A, 0x7E), (0xFF01, 0xFF0F), (0xFF1A, 0xFF5E), (0x2018, 0x201F), (0x3000, 0x3002))
+_CJK_HANGUL = ((0x4E00, 0x9FA5), (0x0800, 0x4E00), (0xAC00, 0xD7FF))
+
+
+def _char_class(ranges: tuple[tuple[int, int], ...]) -> str:
+    def char(cp: int) -> str:
+        c = chr(cp)
+        return "\\" + c if c in "\\]-[^" else c
+
+    return "[" + "".join(char(a) if a == b else f"{char(a)}-{char(b)}" for a, b in ranges) + "]"
+
+
+_LETTERS, _PUNCT, _CJK = _char_class(_CASED_LETTERS), _char_class(_PUNCTUATION), _char_class(_CJK_HANGUL)
+
+DEEPSEEK_LLM_SPLITS = ("[\r\n]", f"\\s?{_LETTERS}+", f"\\s?{_PUNCT}+", "\\s+$", f"{_CJK}+", "\\p{N}+")
+
+# The same rules in four passes instead of six (each pass costs about as much as the whole BPE). Merging is
+# exact here: pass 1 isolates single newline characters, and at a newline the first alternative wins, so
+# "[\r\n]|\s?L+" finds the same pieces as the two passes. Passes 5 and 6 only cut where membership of C (CJK)
+# or N (numbers) changes, so together they split runs of C-and-N, C-not-N and N-not-C chars, which one pass
+# does. test_tokenizer.py checks both forms agree on a fuzzed alphabet of the awkward characters.
+_FUSED_SPLITS = (
+    f"[\r\n]|\\s?{_LETTERS}+",
+    DEEPSEEK_LLM_SPLITS[2],
+    DEEPSEEK_LLM_SPLITS[3],
+    f"(?:(?=\\p{{N}}){_CJK})+|(?:(?!\\p{{N}}){_CJK})+|(?:(?!{_CJK})\\p{{N}})+",
+)
+
+
+def deepseek_llm_pre_tokenizer(fused: bool = True) -> pre_tokenizers.PreTokenizer:
+    """llama.cpp's `deepseek-llm` pre-tokenizer: isolating regex splits in order, then ByteLevel.
+
+    Each split cuts every piece from the previous one into matches and the stretches between them (both kept),
+    exactly as llama.cpp's `unicode_regex_split` applies its list of regexes. `fused=False` gives the six
+    splits as DeepSeek's tokenizer.json lists them; the default fuses them into four equivalent, faster passes.
+    """
+    patterns = _FUSED_SPLITS if fused else DEEPSEEK_LLM_SPLITS
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return pre_tokenizers.Sequence([*splits, byte_level])
+
+
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6  # gguf.TokenType values
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level map inverted: printable stand-in character -> byte."""
+    return {ch: b for b, ch in bytes_to_unicode().items()}
+
+
+class Tokenizer:
+    """DeepSeek LLM byte-level BPE (`tokenizer.ggml.model` gpt2, `pre` deepseek-llm), built on `tokenizers`.
+
+    Token types follow llama.cpp: CONTROL tokens (BOS, EOS, ...) are matched in text only with
+    `parse_special=True` and decode to nothing unless `special=True`; USER_DEFINED tokens are always matched
+    and decode to their raw text; NORMAL tokens go through the BPE and the byte-level map.
+    One Tokenizer should not encode from several threads at once (`parse_special` is a flag on the shared
+    `tokenizers` object).
+    """
+
+    def __init__(
+        self,
+        tokens: list[str],
+        token_types: list[int] | None,
+        merges: list[str],
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        pad_id: int | None = None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        chat_template: str | None = None,
+        pre: str = "deepseek-llm",
+    ):
+        if pre != "deepseek-llm":
+            raise LiteError(f"unsupported tokenizer pre-tokenizer {pre!r}; lite reads DeepSeek LLM ('deepseek-llm')")
+        n = len(tokens)
+        types = list(token_types) if token_types is not None else [_NORMAL] * n
+        if len(types) != n:
+            raise LiteError(f"tokenizer has {n} tokens but {len(types)} token types; the GGUF file is damaged")
+        for name, tid in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id)):
+            if tid is not None and not 0 <= tid < n:
+                raise LiteError(f"tokenizer {name} id {tid} is outside the vocabulary of {n}; the file is damaged")
+        self.tokens, self.token_types = list(tokens), types
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos_token, self.add_eos_token = add_bos_token, add_eos_token
+        self.chat_template = chat_template
+        self._hf = self._build(merges)
+        # long texts may be cut after newlines (no piece crosses one) unless an added token spans a newline
+        self._cut_ok = not any("\n" in t for t, k in zip(self.tokens, types) if k != _NORMAL)
+        self._pieces: list[bytes | None] = [None] * n  # lazily filled decode table
+        # control-token texts, longest first (as `tokenizers` matches them), and their private-use stand-ins
+        kinds = (_CONTROL, _UNKNOWN)
+        self._control_ids = {t: i for i, (t, k) in enumerate(zip(self.tokens, types)) if k in kinds and t}
+        texts = sorted(self._control_ids, key=len, reverse=True)
+        usable = 0 < len(texts) <= 0xF8FF - 0xE000
+        self._control_re = re.compile("|".join(map(re.escape, texts))) if usable else None
+        self._hide = {t: f"{_HIDE}{chr(0xE000 + k)}" for k, t in enumerate(texts)} if usable else {}
+        self._unhide = {v: k for k, v in self._hide.items()}
+
+    def _build(self, merges: list[str]) -> HFTokenizer:
+        # every token keeps its own id; only NORMAL tokens are reachable through merges
+        vocab = {t: i for i, t in enumerate(self.tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+        hf.pre_tokenizer = deepseek_llm_pre_tokenizer()
+        hf.decoder = decoders.ByteLevel()
+        user = [t for t, k in zip(self.tokens, self.token_types) if k == _USER_DEFINED]
+        control = [t for t, k in zip(self.tokens, self.token_types) if k in (_CONTROL, _UNKNOWN)]
+        hf.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+        hf.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+        return hf
+
+    # ---- construction ----
+
+    @classmethod
+    def from_metadata(cls, md: dict[str, Any]) -> Tokenizer:
+        """From GGUF `tokenizer.*` metadata as plain Python values."""
+        model = md.get("tokenizer.ggml.model")
+        if model is None or "tokenizer.ggml.tokens" not in md:
+            raise LiteError("the file has no tokenizer metadata (tokenizer.ggml.*); convert it with its tokenizer")
+        if model != "gpt2":
+            raise LiteError(f"unsupported tokenizer model {model!r}; lite reads byte-level BPE ('gpt2') only")
+        return cls(
+            md["tokenizer.ggml.tokens"],
+            md.get("tokenizer.ggml.token_type"),
+            md.get("tokenizer.ggml.merges", []),
+            bos_id=md.get("tokenizer.ggml.bos_token_id"),
+            eos_id=md.get("tokenizer.ggml.eos_token_id"),
+            pad_id=md.get("tokenizer.ggml.padding_token_id"),
+            add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", True)),
+            add_eos_token=bool(md.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=md.get("tokenizer.chat_template"),
+            pre=md.get("tokenizer.ggml.pre", "deepseek-llm"),
+        )
+
+    @classmethod
+    def from_gguf(cls, gguf_file: str | os.PathLike[str] | Any) -> Tokenizer:
+        """From a GGUF file: a path, or an opened `quant.gguf_file.GGUFFile` (anything with `.metadata`)."""
+        if not hasattr(gguf_file, "metadata"):
+            from quant.gguf_file import GGUFFile
+
+            gguf_file = GGUFFile(gguf_file)
+        return cls.from_metadata(gguf_file.metadata)
+
+    @classmethod
+    def from_hf(cls, hf_dir: str | os.PathLike[str]) -> Tokenizer:
+        """From an HF checkpoint's tokenizer.json + tokenizer_config.json, read exactly as the converter writes it."""
+        from lite.tokenizer_gguf import tokenizer_metadata_from_hf
+
+        return cls.from_metadata(tokenizer_metadata_from_hf(hf_dir))
+
+    # ---- encode / decode ----
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def bos_token(self) -> str:
+        return self.tokens[self.bos_id] if self.bos_id is not None else ""
+
+    @property
+    def eos_token(self) -> str:
+        return self.tokens[self.eos_id] if self.eos_id is not None else ""
+
+    def encode(self, text: str, add_bos: bool | None = None, *, parse_special: bool = False) -> list[int]:
+        """Token ids of `text`. `add_bos` None follows the file's add_bos_token (as llama.cpp does); special
+        token strings such as the EOS text are matched only with `parse_special=True`."""
+        self._hf.encode_special_tokens = not parse_special  # True: special tokens are plain text
+        if len(text) > 2 * _CHUNK_CHARS and self._cut_ok:  # encode pieces of a long text in parallel
+            ids = [i for e in self._hf.encode_batch(_cut_after_newlines(text), add_special_tokens=False) for i in e.ids]
+        else:
+            ids = self._hf.encode(text, add_special_tokens=False).ids
+        if (self.add_bos_token if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if add_bos is None and self.add_eos_token and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: list[str], *, parse_special: bool = False) -> list[list[int]]:
+        """Token ids of several texts (no BOS), encoded in parallel by `tokenizers`."""
+        self._hf.encode_special_tokens = not parse_special
+        return [e.ids for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        """The bytes token `token_id` stands for, as llama.cpp's token_to_piece gives them."""
+        if not 0 <= token_id < len(self.tokens):
+            raise LiteError(f"token id {token_id} is outside the vocabulary of {len(self.tokens)}")
+        kind = self.token_types[token_id]
+        if kind in (_CONTROL, _UNKNOWN):
+            return self.tokens[token_id].encode() if special else b""
+        piece = self._pieces[token_id]
+        if piece is None:
+            text = self.tokens[token_id]
+            if kind == _USER_DEFINED:
+                piece = text.encode()
+            elif kind == _NORMAL:
+                dec = _BYTE_DECODER
+                piece = b"".join(bytes([dec[c]]) if c in dec else c.encode() for c in text)
+            elif kind == _BYTE and len(text) == 6 and text.startswith("<0x"):  # SentencePiece-style <0xAB>
+                piece = bytes([int(text[3:5], 16)])
+            else:  # UNUSED and other types produce no text
+                piece = b""
+            self._pieces[token_id] = piece
+        return piece
+
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """Text of `ids`; invalid UTF-8 becomes U+FFFD. Control tokens (BOS, EOS) are shown only with
+        `special=True`."""
+        return b"".join(self.token_bytes(i, special) for i in ids).decode("utf-8", errors="replace")
+
+    def stream(self, special: bool = False) -> StreamDecoder:
+        """An incremental decoder: `.add(id)` returns only whole characters, `.flush()` the rest."""
+        return StreamDecoder(self, special)
+
+    # ---- chat ----
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        """Token ids of a conversation rendered with the file's chat template (or DeepSeek-V2's), BOS once.
+
+        Only the template's own special tokens become special ids: special-token text inside a message's
+        content (a user typing "<｜end▁of▁sentence｜>") stays plain text. The content is marked before rendering
+        with private-use stand-ins, so templates that transform it (trim, slicing) still render as usual.
+        """
+        pattern, hide, unhide = self._control_re, self._hide, self._unhide
+        if pattern is None or any(_HIDE in str(m.get("content", "")) for m in messages):
+            text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
+            ids = self.encode(text, add_bos=False, parse_special=True)
+        else:
+            marked = []
+            for m in messages:
+                content = m.get("content")
+                if isinstance(content, str):
+                    m = {**m, "content": pattern.sub(lambda x: hide[x.group()], content)}
+                marked.append(m)
+            text = self.render_chat(marked, add_generation_prompt=add_generation_prompt, **extra)
+            ids, start = [], 0
+            for special in [*pattern.finditer(text), None]:  # the template's own special tokens split the text
+                end = special.start() if special else len(text)
+                plain = _HIDDEN.sub(lambda x: unhide.get(x.group(), x.group()), text[start:end])
+                ids += self.encode(plain, add_bos=False)
+                if special:
+                    ids.append(self._control_ids[special.group()])
+                    start = special.end()
+        if self.bos_id is not None and self.add_bos_token and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The conversation as text, special tokens spelled out."""
+        return render_chat_template(
+            messages,
+            self.chat_template,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            add_generation_prompt=add_generation_prompt,
+            **extra,
+        )
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+
+
+_CHUNK_CHARS = 1 << 15
+_HIDE = "\ufdd0"  # a noncharacter: marks special-token text inside chat messages (see apply_chat_template)
+_HIDDEN = re.compile(_HIDE + "[\ue000-\uf8ff]")
+
+
+def _cut_after_newlines(text: str) -> list[str]:
+    """`text` in pieces of at least _CHUNK_CHARS characters, each cut just after a newline."""
+    pieces, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + _CHUNK_CHARS)
+        end = len(text) if cut < 0 else cut + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+class StreamDecoder:
+    """Decodes ids one at a time; never returns part of a UTF-8 character (byte tokens are buffered)."""
+
+    def __init__(self, tokenizer: Tokenizer, special: bool = False):
+        self._tok, self._special = tokenizer, special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        return self._utf8.decode(self._tok.token_bytes(token_id, self._special))
+
+    def flush(self) -> str:
+        """What is left (an unfinished character becomes U+FFFD); the decoder is ready for a new stream."""
+        out = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return out
+
+
+_BYTE_DECODER = _byte_decoder()

@@ -1,0 +1,282 @@
+"""The expert offload engine: a device cache of expert slots fed from a host tier, with router-predicted
+prefetch and a choice, per miss, between fetching the expert and computing it on the CPU.
+
+Mechanism (moving bytes) lives here; policy (which slot, what to evict, what to prefetch) is offload/policy.py.
+On CUDA, copies from pinned RAM run on a dedicated copy stream and the compute stream waits on their events;
+the host only blocks on a true miss. Disk reads (and, with device="cpu", slot copies) run on one background
+worker thread. Every path computes an expert with the same `ExpertWeights.__call__` and sums the experts in
+ascending id order, so logits do not depend on cache size, tier, prefetch or miss policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from offload.experts import ExpertWeights
+from offload.policy import Key, SlotLRU, prefetch_plan
+from offload.stats import ExpertStats
+
+
+class ExpertEngine:
+    """`ExpertBackend` (docs/DESIGN.md) over a host store and `slots_per_layer` device slots per MoE layer."""
+
+    def __init__(
+        self,
+        store: Any,  # RamStore | DiskStore | None (None: every expert preloaded in `preloaded`)
+        layers: list[int],
+        n_experts: int,
+        predict: Callable[[int, torch.Tensor], torch.Tensor] | None,
+        device: torch.device,
+        template: ExpertWeights,
+        slots_per_layer: int,
+        scope: str = "layer",
+        lookahead: int = 1,
+        miss_policy: str = "fetch",
+        preloaded: dict[Key, ExpertWeights] | None = None,
+    ):
+        self.store = store
+        self.layers = sorted(layers)
+        self.n_experts = n_experts
+        self.predict = predict
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.lookahead = lookahead if predict is not None else 0
+        self.miss_policy = miss_policy
+        self.expert_bytes = template.nbytes
+        self.lru = SlotLRU(self.layers, slots_per_layer, scope)
+        self.slots_per_layer = slots_per_layer
+        self.stats_ = ExpertStats(self.layers)
+        self.prefetched: set[Key] = set()  # brought in by prefetch, not used yet
+        self.pending: dict[int, Future] = {}  # slot -> worker job filling it (result: CUDA event or None)
+        self.events: dict[int, torch.cuda.Event] = {}  # slot -> copy-done event (CUDA, RAM tier)
+        self.last_use: dict[int, torch.cuda.Event] = {}  # slot -> compute done reading it (CUDA)
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="lite-experts")
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        if preloaded is not None:  # everything resident: slots are the experts themselves
+            self.slots: list[ExpertWeights] = [None] * self.lru.n_slots  # type: ignore[list-item]
+            for key in sorted(preloaded):
+                slot, _ = self.lru.allocate(key)
+                self.slots[slot] = preloaded[key]
+        else:
+            self.slots = [template.empty_like(self.device) for _ in range(self.lru.n_slots)]
+        self.cpu_cost: tuple[float, float] | None = None  # seconds for 1 token, per extra token
+        self.copy_s: float | None = None  # seconds to copy one expert to the device tier
+        if miss_policy == "auto" and store is not None:
+            self._calibrate()
+
+    # ---- mechanism -------------------------------------------------------------------------------
+    def _fill(self, key: Key, slot: int, last_use: torch.cuda.Event | None) -> torch.cuda.Event | None:
+        """Copy `key` from the host tier into `slot` (inline, or on the worker thread)."""
+        host = self.store.read(key)
+        dst = self.slots[slot]
+        if not self.cuda:
+            dst.copy_(host)
+            return None
+        with torch.cuda.stream(self.copy_stream):
+            if last_use is not None:  # the slot's previous expert may still be read by queued kernels
+                self.copy_stream.wait_event(last_use)
+            dst.copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return done
+
+    def _issue(self, key: Key, slot: int) -> None:
+        """Start bringing `key` into `slot` without waiting for it."""
+        self.stats_.add(key[0], "bytes_h2d", self.expert_bytes)
+        last = self.last_use.pop(slot, None)
+        if self.cuda and not self.store.on_disk:
+            self.events[slot] = self._fill(key, slot, last)  # asynchronous on the copy stream already
+        else:
+            self.pending[slot] = self.worker.submit(self._fill, key, slot, last)
+
+    def _ready(self, slot: int, layer: int, miss: bool) -> ExpertWeights:
+        """The slot's expert, once its bytes are in place. Blocks the host only for a miss or a disk read."""
+        t0 = time.perf_counter()
+        stalled = False
+        fut = self.pending.pop(slot, None)
+        event = self.events.pop(slot, None)
+        if fut is not None:
+            stalled = not fut.done()
+            event = fut.result()
+        if event is not None:
+            if miss:
+                stalled = stalled or not event.query()
+                event.synchronize()
+            else:
+                torch.cuda.current_stream(self.device).wait_event(event)  # the GPU waits, not the host
+        if stalled:
+            self.stats_.add(layer, "stall_s", time.perf_counter() - t0)
+        return self.slots[slot]
+
+    def _host_expert(self, key: Key) -> ExpertWeights:
+        """The host copy the CPU kernels run; disk reads go through the worker (it owns the RAM LRU)."""
+        if not self.store.on_disk:
+            return self.store.read_cpu(key)
+        t0 = time.perf_counter()
+        ex = self.worker.submit(self.store.read_cpu, key).result()
+        self.stats_.add(key[0], "stall_s", time.perf_counter() - t0)
+        return ex
+
+    def _calibrate(self) -> None:
+        """Measure one expert's copy time and CPU latency (1 and 8 tokens) for miss_policy="auto"."""
+        key = (self.layers[0], 0)
+        host = self.store.read(key)
+        slot = self.slots[0]
+        slot.copy_(host)  # warm up
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            slot.copy_(host, non_blocking=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.copy_s = (time.perf_counter() - t0) / 3
+        cpu = self.store.read_cpu(key)
+        times = []
+        for n in (1, 8):
+            x = torch.randn(n, cpu.gate.shape[1])
+            cpu(x)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                cpu(x)
+            times.append((time.perf_counter() - t0) / 3)
+        self.cpu_cost = (times[0], max(times[1] - times[0], 0.0) / 7)
+
+    def _choose_cpu(self, n_tokens: int) -> bool:
+        if self.miss_policy != "auto":
+            return self.miss_policy == "cpu"
+        assert self.cpu_cost is not None and self.copy_s is not None
+        cpu_s = self.cpu_cost[0] + self.cpu_cost[1] * (n_tokens - 1)
+        # On CUDA the device computes a resident expert almost for free; with device="cpu" the "device" is
+        # the same CPU, so fetching costs the copy on top of the same compute.
+        fetch_s = self.copy_s + (0.0 if self.cuda else cpu_s)
+        return cpu_s <= fetch_s
+
+    # ---- the ExpertBackend interface ------------------------------------------------------------
+    def on_residual(self, layer: int, h: torch.Tensor) -> None:
+        """Predict the experts of the next `lookahead` MoE layers from `h` and start copying them in."""
+        if self.lookahead <= 0:
+            return
+        protected = {k for k in self.lru.keys() if k[0] == layer} if self.lru.scope == "global" else set()
+        for target in self.layers:
+            if not layer < target <= layer + self.lookahead:
+                continue
+            ids = self.predict(target, h).reshape(-1).tolist()
+            for key, slot, evicted in prefetch_plan(self.lru, target, ids, protected):
+                if evicted is not None:
+                    self.prefetched.discard(evicted)
+                self._issue(key, slot)
+                self.prefetched.add(key)
+                self.stats_.add(target, "prefetches_issued")
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden], ids: [T, k], weights: [T, k] -> [T, hidden]
+        if ids.shape[0] == 1:  # decode: no sorting, no index tensors
+            row = ids[0].tolist()  # the routing decision has to reach the host (one sync per layer)
+            experts = sorted(row)
+            inputs = {e: x for e in experts}
+            scale = {e: weights[0, j, None] for j, e in enumerate(row)}
+            n_rows = {e: 1 for e in experts}
+        else:
+            k = ids.shape[1]
+            flat = ids.reshape(-1).to("cpu")  # the routing decision has to reach the host (one sync per layer)
+            order = torch.argsort(flat, stable=True)  # [T*k], grouped by expert
+            uniq, counts = torch.unique_consecutive(flat[order], return_counts=True)
+            experts, counts = uniq.tolist(), counts.tolist()
+            order_dev = order.to(x.device)
+            tokens = order_dev // k  # [T*k] token of each (token, choice), grouped by expert
+            w = weights.reshape(-1)[order_dev]  # [T*k]
+            inputs, scale, rows, n_rows, a = {}, {}, {}, {}, 0
+            for e, c in zip(experts, counts):
+                rows[e] = tokens[a : a + c]
+                inputs[e], scale[e], n_rows[e] = x[rows[e]], w[a : a + c, None], c
+                a += c
+
+        keys = [(layer, e) for e in experts]
+        hits, to_cpu, to_fetch = [], [], []
+        for key in keys:
+            if key in self.lru:
+                self.lru.touch(key)
+                hits.append(key)
+                self.stats_.add(layer, "hits")
+                if key in self.prefetched:
+                    self.prefetched.discard(key)
+                    self.stats_.add(layer, "prefetches_used")
+            else:
+                self.stats_.add(layer, "misses")
+                (to_cpu if self._choose_cpu(n_rows[key[1]]) else to_fetch).append(key)
+        # Start every fetch that has a slot without evicting a needed expert; the rest wait their turn.
+        needed = set(keys)
+        issued, deferred = [], []
+        for key in to_fetch:
+            got = self.lru.allocate(key, needed)
+            if got is None:
+                deferred.append(key)
+                continue
+            if got[1] is not None:
+                self.prefetched.discard(got[1])
+            self._issue(key, got[0])
+            issued.append(key)
+
+        ys: dict[int, torch.Tensor] = {}
+
+        def run_slot(key: Key, miss: bool) -> None:
+            slot = self.lru.lookup(key)
+            ys[key[1]] = self._ready(slot, layer, miss)(inputs[key[1]])
+            if self.cuda:
+                used = torch.cuda.Event()
+                used.record(torch.cuda.current_stream(self.device))
+                self.last_use[slot] = used
+
+        for key in hits:
+            run_slot(key, miss=False)
+        for key in to_cpu:  # the CPU works while the copies of `issued` are in flight
+            cpu = self._host_expert(key)
+            xs = inputs[key[1]]
+            ys[key[1]] = cpu(xs.to("cpu")).to(x.device) if self.cuda else cpu(xs)
+            self.stats_.add(layer, "cpu_experts")
+        for key in issued:
+            run_slot(key, miss=True)
+        remaining = set(deferred)
+        for key in deferred:  # fewer slots than experts: evict ones already computed
+            got = self.lru.allocate(key, remaining)
+            assert got is not None, "a layer needs at least one expert slot"
+            if got[1] is not None:
+                self.prefetched.discard(got[1])
+            self._issue(key, got[0])
+            run_slot(key, miss=True)
+            remaining.discard(key)
+
+        out = torch.zeros_like(x)
+        for e in experts:  # fixed order: the sum does not depend on where each expert ran
+            y = ys[e] * scale[e].to(ys[e].dtype)
+            if ids.shape[0] == 1:
+                out += y
+            else:
+                out.index_add_(0, rows[e], y)
+        return out
+
+    # ---- stats --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return self.stats_.as_dict(
+            slots_per_layer=self.slots_per_layer,
+            n_experts=self.n_experts,
+            expert_bytes=self.expert_bytes,
+            tier="device" if self.store is None else ("disk" if self.store.on_disk else "ram"),
+            prefetch_lookahead=self.lookahead,
+            miss_policy=self.miss_policy,
+            scope=self.lru.scope,
+        )
+
+    def reset_stats(self) -> None:
+        self.stats_.reset()
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+        if self.store is not None and hasattr(self.store, "close"):
+            self.store.close()

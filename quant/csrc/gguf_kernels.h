@@ -1,0 +1,84 @@
+// Shared declarations for the GGUF block kernels (no torch dependency: the kernel files compile fast).
+//
+// A kernel computes y[m, n] = sum_k W[n, k] * x[m, k] for a range of weight rows n, reading W straight from
+// its GGUF blocks and x from 8-bit activations quantized exactly as llama.cpp's quantize_row_q8_0_ref /
+// quantize_row_q8_K_ref do. Dot products run in integers; scales are applied per block in float32.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace lite_gguf {
+
+// ggml type ids (gguf.GGMLQuantizationType)
+enum QType : int { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+
+// Instruction-set levels, best last.
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
+
+// x quantized per row: Q8_0 (blocks of 32) for Q4_0/Q5_0/Q8_0 weights, Q8_K (blocks of 256) for K-quants.
+struct Acts {
+    const int8_t* qs;    // [M][K]
+    const float* d;      // [M][K / block] block scales (Q8_0: already rounded through fp16, as stored)
+    const int32_t* sums; // Q8_0: [M][K / 32] block sums of qs; Q8_K: [M][K / 16] bsums
+    const int16_t* sums32; // [M][K / 32] sums of qs over each 32 values, as int16 (for SIMD madd)
+    const int32_t* sums_x8; // Q8_0 only: [M][K / 32 * 8] each block sum repeated 8 times (one per dpbusd lane)
+    const float* d_x8;      // Q8_0 only: [M][K / 32 * 8] each block scale repeated 8 times
+    int64_t M, K;
+};
+
+// Computes y[m * ldy + n] for all m in [0, M) and n in [n0, n1).
+using RowsFn = void (*)(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
+int block_size(int qtype);      // values per block; 0 when unsupported
+int block_bytes(int qtype);     // bytes per block
+bool uses_q8_k(int qtype);      // activations in Q8_K (else Q8_0)
+
+// Reference activation quantizers (one row of K values).
+void quantize_row_q8_0(const float* x, int64_t K, int8_t* qs, float* d, int32_t* sums);
+void quantize_row_q8_K(const float* x, int64_t K, int8_t* qs, float* d, int32_t* bsums);
+
+RowsFn scalar_kernel(int qtype);
+RowsFn avx2_kernel(int qtype);   // nullptr when not compiled for x86
+RowsFn avx512_kernel(int qtype); // nullptr when not compiled for x86
+int best_isa();                  // what this CPU runs
+
+// IEEE half <-> float, round-to-nearest-even (as ggml's GGML_FP32_TO_FP16).
+inline float fp16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0) {
+        const float f = (float)man * (1.0f / 16777216.0f); // subnormal: man * 2^-24, exact
+        return sign ? -f : f;
+    }
+    const uint32_t bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112u) << 23) | (man << 13));
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t f32_to_fp16(float f);
+
+inline uint16_t load_u16(const uint8_t* p) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+}
+
+// Q4_K packs eight 6-bit scales and eight 6-bit mins in 12 bytes; unpack to sc[8], mn[8].
+// Returns the scales (bytes 0..7 of `sc`) and mins (of `mn`) packed in two 64-bit words.
+inline void unpack_q4_k_scales(const uint8_t* s12, uint64_t& sc, uint64_t& mn) {
+    uint32_t u[3];
+    std::memcpy(u, s12, 12);
+    const uint32_t lo6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, lo2 = 0x03030303u;
+    sc = (uint64_t)(u[0] & lo6) | (uint64_t)((u[2] & lo4) | (((u[0] >> 6) & lo2) << 4)) << 32;
+    mn = (uint64_t)(u[1] & lo6) | (uint64_t)(((u[2] >> 4) & lo4) | (((u[1] >> 6) & lo2) << 4)) << 32;
+}
+
+inline void unpack_q4_k_scales(const uint8_t* s12, uint8_t* sc, uint8_t* mn) {
+    uint64_t s, m;
+    unpack_q4_k_scales(s12, s, m);
+    std::memcpy(sc, &s, 8);
+    std::memcpy(mn, &m, 8);
+}
+
+} // namespace lite_gguf

@@ -1,0 +1,199 @@
+"""GGML block formats: dequantize in vectorised torch (CPU or CUDA), quantize in numpy.
+
+`dequantize` is bit-identical to `gguf.quants.dequantize`: every float operation below is the same single-rounded
+float32 multiply or add, in the same order, as in gguf's numpy code (no fused multiply-add), so results match
+bit for bit. Quantization delegates to `gguf.quants.quantize` where it implements a type, so our bytes are its
+bytes; Q4_K (which gguf cannot quantize) follows llama.cpp's `quantize_row_q4_K_ref`, in `quant/kquants.py`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import gguf
+import numpy as np
+import torch
+
+from lite.errors import LiteError
+from quant.kquants import quantize_q4_k
+
+Q = gguf.GGMLQuantizationType
+QK_K = 256
+
+READ_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+WRITE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K)
+
+
+def block_size(qtype: Q) -> int:
+    """Elements per block (1 for float types)."""
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def type_size(qtype: Q) -> int:
+    """Bytes per block."""
+    return gguf.GGML_QUANT_SIZES[qtype][1]
+
+
+def bits_per_weight(qtype: Q) -> float:
+    """Storage bits per weight, scales included: Q4_K 4.5, Q4_0 4.5, Q8_0 8.5, F16 16."""
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    return 8.0 * ts / bs
+
+
+def can_quantize(shape: Sequence[int], qtype: Q) -> bool:
+    """Whether a tensor of this (torch-order) shape can be written as `qtype`: rows must be whole blocks."""
+    return qtype in WRITE_TYPES and len(shape) > 0 and shape[-1] % block_size(qtype) == 0
+
+
+def nbytes(shape: Sequence[int], qtype: Q) -> int:
+    """Bytes a tensor of this shape takes in `qtype`."""
+    n = int(np.prod(shape, dtype=np.int64))
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    return n // bs * ts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dequantize
+
+
+def _as_uint8_tensor(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(raw, torch.Tensor):
+        return raw.reshape(-1).view(torch.uint8)
+    with warnings.catch_warnings():  # the mmap is read-only; we never write through this view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(raw).reshape(-1).view(np.uint8))
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 field at byte `start` of each block, as float32 [n_blocks, 1]."""
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+
+
+def _bit_fields(b: torch.Tensor, shifts: range, mask: int, dim: int) -> torch.Tensor:
+    """(b >> s) & mask for each s, stacked at `dim`. Scalar shifts: a broadcast tensor shift is ~10x slower."""
+    return torch.stack([(b >> s) & mask for s in shifts], dim=dim)
+
+
+def _nibbles(qs: torch.Tensor, run: int) -> torch.Tensor:
+    """Split bytes into nibbles, low nibbles of a run of `run` bytes first: [n, k*run] -> [n, k, 2, run]."""
+    return _bit_fields(qs.reshape(qs.shape[0], -1, run), range(0, 8, 4), 0x0F, dim=2)
+
+
+def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+
+
+def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 2:], 16).reshape(b.shape[0], 32)
+    return _f16(b, 0) * (q.to(torch.int8) - 8).float()
+
+
+def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(b[:, 4:], 16).reshape(b.shape[0], 32).float()
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _dq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    qh = b[:, 2:6].contiguous().view(torch.int32).reshape(-1)  # [n]: bit j is the high bit of element j
+    hi = _bit_fields(qh, range(32), 1, dim=1).to(torch.uint8)  # [n, 32]
+    lo = _nibbles(b[:, 6:], 16).reshape(b.shape[0], 32)
+    return _f16(b, 0) * ((lo | (hi << 4)).to(torch.int8) - 16).float()
+
+
+def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack the 12 bytes of 6-bit (scale, min) pairs of Q4_K/Q5_K into two [n, 8] tensors."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
+    q = _nibbles(b[:, 16:], 32).reshape(n, 8, 32).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).reshape(n, 8, 1)
+    hi = _bit_fields(b[:, 16:48], range(8), 1, dim=1)  # [n, 8, 32]: bit j of byte l -> sub-block j, item l
+    lo = _nibbles(b[:, 48:], 32).reshape(n, 8, 32)
+    q = (lo | (hi << 4)).float()
+    return (d * q - dm).reshape(n, QK_K)
+
+
+def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales = b[:, 192:208].contiguous().view(torch.int8).float()
+    d = (_f16(b, 208) * scales).reshape(n, 16, 1)
+    lo = _nibbles(b[:, :128], 64).reshape(n, 8, 32)
+    hi = _bit_fields(b[:, 128:192].reshape(n, 2, 32), range(0, 8, 2), 3, dim=2).reshape(n, 8, 32)
+    q = ((lo | (hi << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    return (d * q).reshape(n, QK_K)
+
+
+_DEQUANT_BLOCKS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q8_0: _dq_q8_0,
+    Q.Q4_0: _dq_q4_0,
+    Q.Q4_1: _dq_q4_1,
+    Q.Q5_0: _dq_q5_0,
+    Q.Q4_K: _dq_q4_k,
+    Q.Q5_K: _dq_q5_k,
+    Q.Q6_K: _dq_q6_k,
+}
+
+# Blocks dequantized per step: bounds the int/float temporaries to a few tens of MB for big tensors.
+_CHUNK_BLOCKS = 1 << 16
+
+
+def dequantize(raw: np.ndarray | torch.Tensor, qtype: Q, shape: Sequence[int]) -> torch.Tensor:
+    """Raw GGML bytes -> float32 tensor of `shape` (torch order), on the device of `raw`."""
+    qtype = Q(qtype)
+    shape = tuple(int(s) for s in shape)
+    data = _as_uint8_tensor(raw)
+    expected = nbytes(shape, qtype)
+    if data.numel() != expected:
+        raise ValueError(f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {data.numel()}")
+    if qtype == Q.F32:
+        return data.view(torch.float32).reshape(shape).clone()
+    if qtype == Q.F16:
+        return data.view(torch.float16).float().reshape(shape)
+    if qtype == Q.BF16:
+        return data.view(torch.bfloat16).float().reshape(shape)
+    fn = _DEQUANT_BLOCKS.get(qtype)
+    if fn is None:
+        raise LiteError(f"unsupported tensor type {qtype.name}; supported: {', '.join(t.name for t in READ_TYPES)}")
+    blocks = data.reshape(-1, type_size(qtype))
+    out = torch.empty(blocks.shape[0], block_size(qtype), dtype=torch.float32, device=blocks.device)
+    for i in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+        out[i : i + _CHUNK_BLOCKS] = fn(blocks[i : i + _CHUNK_BLOCKS])
+    return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize
+
+
+def quantize(x: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 array (torch-order shape, rows last) -> GGML bytes, uint8 [..., bytes per row]."""
+    qtype = Q(qtype)
+    if qtype not in WRITE_TYPES:
+        raise LiteError(
+            f"cannot write tensor type {qtype.name}; choose one of {', '.join(t.name for t in WRITE_TYPES)}"
+        )
+    if not can_quantize(x.shape, qtype):
+        raise LiteError(
+            f"rows of length {x.shape[-1]} are not a multiple of {qtype.name}'s block of {block_size(qtype)}"
+        )
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == Q.Q4_K:
+        return quantize_q4_k(x)
+    out = gguf.quants.quantize(x, qtype)
+    return np.ascontiguousarray(out).view(np.uint8).reshape(*x.shape[:-1], -1)

@@ -1,0 +1,156 @@
+"""Native CPU kernels that multiply directly on GGUF blocks (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K).
+
+Like llama.cpp, the activations are quantized per row to 8 bits (Q8_0 blocks of 32, or Q8_K blocks of 256
+for K-quants) and each block's dot product runs in integers (AVX512-VNNI `vpdpbusd`, or AVX2 `pmaddubsw`),
+so the weights are read once, in their compact form, with no float copy. The C++ extension is compiled on
+first use into torch's extension cache (TORCH_EXTENSIONS_DIR) with ninja; the AVX2 and AVX512 variants are
+chosen at run time from the CPU's features. If compilation fails, `available()` is False and callers fall
+back to torch.
+
+Set LITE_NATIVE_ISA=scalar|avx2|avx512 to cap the instruction set (for tests and comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lite.errors import LiteError
+
+__all__ = [
+    "ISAS",
+    "SUPPORTED_QTYPES",
+    "as_raw",
+    "available",
+    "best_isa",
+    "build_error",
+    "gguf_matmul",
+    "moe_ffn",
+    "quantize_acts",
+]
+
+# gguf.GGMLQuantizationType ids the kernels read
+SUPPORTED_QTYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+
+_SOURCES = ["ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp"]
+_CSRC = Path(__file__).with_name("csrc")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _load() -> bool:
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        try:
+            from torch.utils import cpp_extension
+
+            # The sources' hash is part of torch's cache key, so edits rebuild and nothing else does.
+            cpp_extension.load(
+                name="lite_gguf_kernels",
+                sources=[str(_CSRC / s) for s in _SOURCES],
+                # -fopenmp makes at::parallel_for (an inline OpenMP template) actually run in parallel
+                extra_cflags=["-O3", "-fopenmp", "-Wno-psabi"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=False,
+            )
+            _state["ok"] = hasattr(torch.ops.lite_gguf, "matmul")
+        except Exception as e:  # no compiler, no ninja, unsupported platform: fall back to torch
+            _state["ok"], _state["error"] = False, f"{type(e).__name__}: {e}"
+        return bool(_state["ok"])
+
+
+def available() -> bool:
+    """True when the extension is built (compiling it on the first call) and loaded."""
+    return _load()
+
+
+def build_error() -> str | None:
+    """Why the extension is unavailable, if it is."""
+    _load()
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def best_isa() -> str:
+    """The instruction set the kernels use on this CPU: 'avx512' (VNNI), 'avx2' or 'scalar'."""
+    if not available():
+        raise LiteError("native kernels unavailable: " + str(build_error()))
+    level = int(torch.ops.lite_gguf.best_isa())
+    return next(k for k, v in ISAS.items() if v == level)
+
+
+def _isa_level(isa: str | None) -> int:
+    isa = isa or os.environ.get("LITE_NATIVE_ISA")
+    if not isa:
+        return -1
+    if isa not in ISAS:
+        raise LiteError(f"unknown ISA {isa!r}: use one of {', '.join(ISAS)} (LITE_NATIVE_ISA)")
+    return ISAS[isa]
+
+
+def as_raw(data: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor sharing memory with `data` (e.g. a read-only view of a memory-mapped GGUF file)."""
+    if isinstance(data, torch.Tensor):
+        return data.contiguous().view(torch.uint8).reshape(-1)
+    arr = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    with warnings.catch_warnings():  # the kernels never write to it; don't warn about read-only mmaps
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+def gguf_matmul(
+    x: torch.Tensor, raw: torch.Tensor | np.ndarray, qtype: int, N: int, K: int, isa: str | None = None
+) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ W.T for W (N, K) given as its raw GGUF bytes of type `qtype` (zero-copy).
+
+    x is quantized per row to Q8_0 (Q8_K for Q4_K/Q6_K) exactly as llama.cpp's reference quantizers do;
+    block dots run in integers, scales in float32. `isa` caps the instruction set ('scalar', 'avx2',
+    'avx512'); the default is the best this CPU has.
+    """
+    if not available():
+        raise LiteError("native kernels unavailable: " + str(build_error()))
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raw = as_raw(raw)
+    if x.dtype != torch.float32:
+        x = x.float()
+    return torch.ops.lite_gguf.matmul(x, raw, int(qtype), int(N), int(K), _isa_level(isa))
+
+
+def quantize_acts(x: torch.Tensor, q8_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activation quantizer the kernels use: (qs int8 [M, K], d float32 [M, K/bs], sums int32).
+
+    sums are per 32-block sums of qs for Q8_0 and per-16 `bsums` for Q8_K. Exposed for tests.
+    """
+    if not available():
+        raise LiteError("native kernels unavailable: " + str(build_error()))
+    return torch.ops.lite_gguf.quantize_acts(x.float(), bool(q8_k))
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    gate: list[torch.Tensor],
+    up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    weights: torch.Tensor,
+    qtypes: tuple[int, int, int],
+    inter: int,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """One token through k routed experts in one call: sum_e weights[e] * down_e(silu(gate_e x) * up_e x).
+
+    x: [hidden] float32; gate[e], up[e]: raw GGUF bytes of (inter, hidden) matrices; down[e]: (hidden, inter);
+    qtypes: the (gate, up, down) GGUF type ids. The same math as chaining `gguf_matmul`, minus ~3k Python calls.
+    """
+    if not available():
+        raise LiteError("native kernels unavailable: " + str(build_error()))
+    g, u, d = qtypes
+    return torch.ops.lite_gguf.moe_ffn(
+        x.float(), gate, up, down, weights.float(), int(g), int(u), int(d), int(inter), _isa_level(isa)
+    )

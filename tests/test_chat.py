@@ -1,0 +1,247 @@
+"""lite.chat: the conversation logic, on a fake model (exact token accounting) and a real tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fake_chat_model import EOS, FakeModel
+
+from lite.chat import Chat
+from lite.errors import LiteError
+from lite.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def reply(chat: Chat, text: str) -> str:
+    return "".join(chat.send(text))
+
+
+def test_reply_streams_and_is_recorded():
+    model = FakeModel("hi there")
+    chat = Chat(model, params=GREEDY)
+    pieces = list(chat.send("hello"))
+    assert "".join(pieces) == " hi there" and len(pieces) > 1
+    assert chat.messages == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    s = chat.last
+    assert s.finish == "stop" and s.gen_tokens == len(" hi there") + 1  # + the end-of-sequence token
+    assert s.prompt_tokens == len(model.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}]))
+    assert s.ctx_used == len(chat.session.tokens) and s.hit_rate == 0.75
+
+
+def test_second_turn_prefills_only_new_tokens():
+    model = FakeModel("hi there")
+    chat = Chat(model, params=GREEDY, system="be brief")
+    reply(chat, "one")
+    held = list(chat.session.tokens)
+    reply_before = len(chat.messages)
+    model.fed.clear()
+    reply(chat, "two")
+    full = model.tokenizer.apply_chat_template(chat.messages[:reply_before] + [chat.messages[-2]])
+    assert full[: len(held)] == held  # the cache already held the whole first exchange
+    assert chat.last.prompt_tokens == len(full) - len(held)
+    assert model.fed[0] == full[len(held) :]  # exactly the new tokens: EOS + "User: two\n\nAssistant:"
+    assert model.fed[0][0] == EOS
+
+
+def test_regen_rewinds_to_the_prompt():
+    model = FakeModel("abc")
+    chat = Chat(model, params=GREEDY)
+    reply(chat, "q")
+    n_prompt = len(model.tokenizer.apply_chat_template(chat.messages[:1]))
+    model.fed.clear()
+    again = "".join(chat.regenerate())
+    assert again == " abc" and len(chat.messages) == 2
+    assert chat.last.prompt_tokens == 1 and model.fed[0] == [ord(":")]  # only the last prompt token, for logits
+    assert len(chat.session.tokens) == n_prompt + len(" abc")
+
+
+def test_regen_with_nothing_said():
+    with pytest.raises(LiteError, match="nothing to regenerate"):
+        Chat(FakeModel(), params=GREEDY).regenerate()
+
+
+def test_max_tokens_marks_the_cut():
+    chat = Chat(FakeModel("a long answer"), params=GREEDY, max_tokens=4)
+    assert reply(chat, "q") == " a l"
+    assert chat.last.finish == "length"
+
+
+def test_stop_keeps_the_partial_reply():
+    chat = Chat(FakeModel("abcdef"), params=GREEDY)
+    out = []
+    for piece in chat.send("q"):
+        out.append(piece)
+        if len(out) == 3:
+            chat.stop()
+    assert "".join(out) == " ab" and chat.last.finish == "interrupted"
+    assert chat.messages[-1] == {"role": "assistant", "content": "ab"}
+    assert reply(chat, "next") == " abcdef"  # the conversation goes on
+
+
+def test_context_overflow_drops_oldest_turns():
+    chat = Chat(FakeModel("0123456789", ctx=120), params=GREEDY, system="sys", max_tokens=16)
+    reply(chat, "first question")
+    reply(chat, "second question")
+    assert chat.last.dropped_turns == 0
+    reply(chat, "third question")  # 6 + 2 x 44 + 32 prompt tokens + reserve 16 > 120
+    s = chat.last
+    assert s.dropped_turns >= 1 and any("dropped" in n for n in s.notes)
+    assert chat.messages[0] == {"role": "system", "content": "sys"}
+    assert all(m["content"] != "first question" for m in chat.messages)
+    assert chat.messages[-1]["content"] == "0123456789" and s.ctx_used <= 120
+
+
+def test_too_long_message_is_refused():
+    chat = Chat(FakeModel(ctx=64), params=GREEDY)
+    with pytest.raises(LiteError, match="-c/--ctx-size"):
+        reply(chat, "x" * 100)
+    assert chat.messages == []
+
+
+def test_reply_that_fills_the_context():
+    chat = Chat(FakeModel("0123456789" * 7, ctx=80), params=GREEDY, max_tokens=1000)
+    reply(chat, "q")
+    assert chat.last.finish == "context" and len(chat.session.tokens) == 80
+
+
+def test_utf8_reply_never_splits_characters():
+    text = "héllo 世界 🙂 ok"
+    pieces = list(Chat(FakeModel(text), params=GREEDY).send("q"))
+    assert "".join(pieces) == " " + text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_save_load_roundtrip(tmp_path):
+    chat = Chat(FakeModel("yes"), params=GREEDY, system="sys")
+    reply(chat, "q1")
+    path = tmp_path / "c.json"
+    chat.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "lite-chat" and data["messages"] == chat.messages
+    other = Chat(FakeModel("yes"), params=GREEDY)
+    assert other.load(path) == 3 and other.messages == chat.messages
+    reply(other, "q2")
+    assert [m["role"] for m in other.messages] == ["system", "user", "assistant", "user", "assistant"]
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(LiteError, match="not JSON"):
+        other.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"messages": [{"role": "robot", "content": "x"}]}')
+    with pytest.raises(LiteError, match="no conversation"):
+        other.load(tmp_path / "other.json")
+    with pytest.raises(LiteError, match="cannot read"):
+        other.load(tmp_path / "missing.json")
+
+
+def test_set_and_clear():
+    chat = Chat(FakeModel(), params=SamplingParams())
+    chat.set("temp", "0.2")
+    chat.set("top_k", "5")
+    chat.set("max_tokens", "9")
+    chat.set("seed", "3")
+    assert chat.params.temperature == 0.2 and chat.params.top_k == 5 and chat.max_tokens == 9 and chat.seed == 3
+    for name, value in [("top_p", "1.5"), ("top_k", "x"), ("bogus", "1"), ("max_tokens", "0")]:
+        with pytest.raises(LiteError):
+            chat.set(name, value)
+    reply(chat, "q")
+    chat.set_system("new system")
+    chat.clear()
+    assert chat.messages == [{"role": "system", "content": "new system"}] and chat.session.tokens == []
+
+
+# -- on a real tiny converted model with a real tokenizer ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from cli_models import tiny_chat_model
+
+    import lite
+
+    path, _ = tiny_chat_model(tmp_path_factory.mktemp("chat_models"))
+    return lite.load(str(path), device="cpu")
+
+
+def test_real_multi_turn_reuses_the_cache(real):
+    import torch
+
+    chat = Chat(real, params=GREEDY, max_tokens=5, system="Be brief.")
+    reply(chat, "Hello")
+    held = list(chat.session.tokens)
+    first_prompt = real.tokenizer.apply_chat_template(chat.messages[:2])
+    reply(chat, "Tell me more")
+    prompt = real.tokenizer.apply_chat_template(chat.messages[:-1])
+    keep = 0
+    while keep < min(len(held), len(prompt)) and held[keep] == prompt[keep]:
+        keep += 1
+    assert keep >= len(first_prompt)  # the first turn's prompt was never prefilled again
+    assert chat.last.prompt_tokens == len(prompt) - keep
+    # the incrementally built cache gives the same greedy reply as full forwards from scratch
+    ids: list[int] = []
+    for _ in range(len(chat.last.token_ids)):
+        ids.append(int(torch.argmax(real.logits(prompt + ids)[-1])))
+    assert ids == chat.last.token_ids
+
+
+def test_real_same_seed_same_conversation(real):
+    def conversation(seed):
+        chat = Chat(
+            real, params=SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed), max_tokens=6
+        )
+        return [reply(chat, "Hi"), reply(chat, "Again"), "".join(chat.regenerate())]
+
+    assert conversation(3) == conversation(3)
+    assert conversation(3) != conversation(4)
+
+
+def test_real_utf8_split_across_byte_tokens(real):
+    """A reply made of single-byte tokens that split multi-byte characters streams whole characters only."""
+    tok = real.tokenizer
+    byte_id = {}
+    for i in range(tok.vocab_size):
+        b = tok.token_bytes(i)
+        if len(b) == 1:
+            byte_id.setdefault(b[0], i)
+    text = "Café 混合专家 🚀"
+    forced = [byte_id[b] for b in text.encode("utf-8")] + [tok.eos_id]
+    assert len(forced) > len(text) + 1  # several tokens per character
+
+    class Scripted:
+        """The real model's tokenizer and session, with the logits forced to spell `forced`."""
+
+        tokenizer = tok
+
+        def session(self, ctx=None):
+            inner = real.session(ctx)
+            outer = self
+
+            class S:
+                def __getattr__(self, name):
+                    return getattr(inner, name)
+
+                def feed(self, ids, all_logits=False):
+                    inner.feed(ids)
+                    outer.step += 1  # the prompt's feed yields forced[0], each fed reply token the next
+                    return outer.next_logits()
+
+            return S()
+
+        def stats(self):
+            return {}
+
+        def __init__(self):
+            self.step = 0
+
+        def next_logits(self):
+            import torch
+
+            logits = torch.zeros(tok.vocab_size)
+            logits[forced[min(self.step - 1, len(forced) - 1)]] = 1.0
+            return logits
+
+    model = Scripted()
+    chat = Chat(model, params=GREEDY)
+    pieces = list(chat.send("q"))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces) and len(pieces) == len(text)

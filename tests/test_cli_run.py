@@ -1,0 +1,200 @@
+"""`lite run`, `lite bench`, `lite perplexity` and the flags' documentation, through subprocesses on tiny
+converted models."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from cli_models import tiny_chat_model
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("chat", "run", "bench", "perplexity")
+
+
+def lite_subprocess(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh interpreter (slow: a torch import each)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args], input=stdin, capture_output=True, text=True, env=env,
+        cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def lite(capsys, monkeypatch):
+    """`lite ARGS...` in this process (like a Click runner): cli.main.main with captured output."""
+    from cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("NO_COLOR", "1")
+
+    def call(*args: str, stdin: str | None = None, check: bool = True) -> Result:
+        capsys.readouterr()
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        if check:
+            assert code == 0, err
+        return Result(code, out, err)
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    return tiny_chat_model(tmp_path_factory.mktemp("cli_models"))
+
+
+def test_run_greedy_matches_transformers(tiny):
+    from transformers import DeepseekV2ForCausalLM
+
+    from lite.tokenizer import Tokenizer
+
+    model, hf = tiny
+    rec = json.loads(lite_subprocess("run", str(model), "--json", "-p", "The experts", "--temp", "0", "-n", "6").stdout)
+    tok = Tokenizer.from_hf(hf)
+    ids = tok.encode("The experts", add_bos=True)
+    assert rec["prompt_tokens"] == len(ids)
+    ref = DeepseekV2ForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    expected = []
+    for _ in range(6):  # greedy with transformers' full forward as the reference
+        with torch.no_grad():
+            nxt = int(torch.argmax(ref(torch.tensor([ids + expected])).logits[0, -1]))
+        if nxt == tok.eos_id:
+            break
+        expected.append(nxt)
+    assert rec["tokens"] == expected
+    assert rec["text"] == tok.decode(expected)
+    assert rec["finish"] == ("length" if len(expected) == 6 else "stop")
+
+
+def test_run_seeded_sampling_is_reproducible_and_streams(tiny, lite):
+    model, _ = tiny
+
+    def run_json(*args: str, stdin: str | None = None) -> dict:
+        return json.loads(lite("run", str(model), "--json", *args, stdin=stdin).stdout)
+
+    args = ("-p", "Once", "-n", "12", "--temp", "1.0", "--top-k", "0", "--top-p", "1", "--min-p", "0")
+    a = run_json(*args, "--seed", "11")
+    b = run_json(*args, "--seed", "11")
+    c = run_json(*args, "--seed", "12")
+    assert a["tokens"] == b["tokens"] and a["seed"] == 11
+    assert a["tokens"] != c["tokens"]
+    assert run_json(*args[2:], "--seed", "11", stdin="Once")["tokens"] == a["tokens"]  # prompt from stdin
+    # the real entry point streams the same text (a fresh process: same seed, same output)
+    streamed = lite_subprocess("run", str(model), *args[2:], "--seed", "11", stdin="Once").stdout
+    assert streamed == a["text"] + "\n"
+
+
+def test_run_chat_template_and_system(tiny, lite):
+    from lite.tokenizer import Tokenizer
+
+    model, hf = tiny
+    rec = json.loads(
+        lite(
+            "run", str(model), "--json", "--chat", "--system", "Be short.", "-p", "Hello", "-n", "3", "--temp", "0"
+        ).stdout
+    )
+    msgs = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hello"}]
+    assert rec["prompt_tokens"] == len(Tokenizer.from_hf(hf).apply_chat_template(msgs))
+    for key in ("generated_tokens", "prompt_seconds", "generation_seconds", "ttft_seconds"):
+        assert rec[key] >= 0
+
+
+def test_user_errors_are_one_line(tiny, tmp_path, lite):
+    model, _ = tiny
+    for args in (
+        ("run", str(tmp_path / "missing.gguf"), "-p", "x"),
+        ("run", str(model), "-p", "x", "--top-p", "2"),
+        ("run", str(model), "-p", "x", "--system", "s"),
+        ("run", str(model), "-p", "x", "--prefetch", "sometimes"),
+        ("perplexity", str(model), str(tmp_path / "missing.txt")),
+        ("bench", str(model), "-p", "400", "-n", "200"),  # beyond the model's 512 positions
+    ):
+        proc = lite(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_default_model(tiny, lite):
+    from cli.common import DEFAULT_MODEL
+
+    proc = lite("run", "-p", "Hi", "-n", "2", "--temp", "0", check=False)
+    if DEFAULT_MODEL.is_file():
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode == 2 and "lite convert" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_bench_json_table_and_trace(tiny, tmp_path, lite):
+    model, _ = tiny
+    trace = tmp_path / "trace.jsonl"
+    rec = json.loads(
+        lite("bench", str(model), "-p", "16", "-n", "5", "-r", "2", "--json", "--trace", str(trace)).stdout
+    )
+    assert rec["n_prompt"] == 16 and rec["n_gen"] == 5 and len(rec["runs"]) == 2
+    for key in ("pp_tps", "tg_tps", "ttft_s"):
+        s = rec[key]
+        assert 0 < s["min"] <= s["median"] <= s["max"]
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert "meta" in lines[0]
+    calls = lines[1:]
+    # 2 runs x (1 prefill + 4 decode steps) forward passes, each through the 2 MoE layers of the tiny model
+    assert len(calls) == 2 * 5 * 2
+    assert [len(c["selected"]) for c in calls[:2]] == [16, 16] and len(calls[2]["selected"]) == 1
+    table = lite("bench", str(model), "-p", "8", "-n", "3", "-r", "2").stdout
+    assert "pp8" in table and "tg3" in table and "TTFT" in table
+
+
+def test_perplexity_cli_matches_library(tiny, tmp_path, lite):
+    from tiny_tokenizer import TRAINING_TEXT
+
+    import lite as lite_lib
+    from lite.perplexity import perplexity
+
+    model, _ = tiny
+    text = tmp_path / "text.txt"
+    text.write_text(TRAINING_TEXT * 2, encoding="utf-8")
+    rec = json.loads(lite("perplexity", str(model), str(text), "--ctx", "64", "--chunks", "3", "--json").stdout)
+    m = lite_lib.load(str(model), device="cpu")
+    ref = perplexity(m, m.tokenizer.encode(text.read_text(), add_bos=True), 64, 3, bos_id=m.tokenizer.bos_id)
+    assert rec["chunks"] == 3 and rec["tokens_scored"] == 3 * 31
+    assert rec["ppl"] == pytest.approx(ref.ppl, rel=1e-6)
+    out = lite("perplexity", str(model), str(text), "--ctx", "64", "--chunks", "2").stdout
+    assert f"perplexity: {rec['chunk_ppl'][1]:.4f}" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_is_in_help_and_readme(command):
+    from cli.main import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    help_text = sub.format_help()
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(f"### `lite {command}") :]
+    section = section[: section.find("\n### ", 4) if "\n### " in section[4:] else len(section)]
+    for action in sub._actions:
+        for flag in action.option_strings:
+            if flag in ("-h", "--help"):
+                continue
+            assert flag in help_text, (command, flag)
+            assert flag in section, f"README's `lite {command}` section lacks {flag}"

@@ -1,0 +1,93 @@
+"""The bundled demo model (lite/data/demo.gguf, made by benchmarks/train_demo.py and `lite convert`).
+
+Greedy generation from a fixed chat prompt must reproduce the recorded tokens, and those tokens must agree
+with transformers running the float32 checkpoint until 4-bit rounding makes the two paths part.
+The float checkpoint is not committed, so its greedy tokens are recorded here. To re-record after retraining:
+
+    python tests/test_demo_model.py /tmp/demo_ckpt      # prints the constants below
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import lite
+
+DEMO = Path(lite.__file__).parent / "data" / "demo.gguf"
+MESSAGES = [{"role": "user", "content": "What news from the court, my lord?"}]
+N_TOKENS = 48
+
+# --- recorded ---
+PROMPT_IDS: list[int] = []
+LITE_GREEDY: list[int] = []  # lite, demo.gguf (4-bit experts), CPU float32
+FLOAT_GREEDY: list[int] = []  # transformers, the float32 checkpoint
+AGREE = 0  # leading tokens on which the two agree
+# --- end recorded ---
+
+
+@pytest.fixture(scope="module")
+def demo():
+    if not DEMO.is_file():
+        pytest.fail(f"{DEMO} is missing; make it with benchmarks/train_demo.py and `lite convert`")
+    return lite.load(str(DEMO), device="cpu")
+
+
+def test_bundled_file_is_small_and_deepseek_v2_shaped(demo):
+    assert DEMO.stat().st_size < 20 * 2**20
+    c = demo.config
+    assert c.n_routed_experts >= 16 and 2 <= c.num_experts_per_tok <= 4 and 1 <= c.n_shared_experts <= 2
+    assert c.first_k_dense_replace == 1 and c.num_hidden_layers > 1
+    assert demo.metadata["tokenizer.ggml.pre"] == "deepseek-llm"
+    assert "Assistant:" in demo.metadata["tokenizer.chat_template"]
+
+
+def test_chat_prompt_tokens(demo):
+    assert demo.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True) == PROMPT_IDS
+    assert PROMPT_IDS[0] == demo.tokenizer.bos_id and PROMPT_IDS.count(demo.tokenizer.bos_id) == 1
+
+
+def test_greedy_generation_reproduces_recording(demo):
+    out = list(demo.generate(PROMPT_IDS, max_tokens=N_TOKENS, temperature=0.0))
+    assert out == LITE_GREEDY
+    assert demo.tokenizer.decode(out).strip()  # a real reply, not only whitespace
+
+
+def test_recording_agrees_with_float_checkpoint(demo):
+    assert AGREE >= 8 and LITE_GREEDY[:AGREE] == FLOAT_GREEDY[:AGREE]
+    # Teacher-forced along the float model's own path, the 4-bit model picks the same token almost everywhere.
+    logits = demo.logits(PROMPT_IDS + FLOAT_GREEDY[:-1])  # [T, vocab]
+    picks = logits[len(PROMPT_IDS) - 1 :].argmax(-1).tolist()
+    same = sum(p == f for p, f in zip(picks, FLOAT_GREEDY)) / len(FLOAT_GREEDY)
+    assert same >= 0.9, f"top-1 agreement with the float model along its path: {same:.2f}"
+
+
+def record(ckpt_dir: str) -> None:
+    """Print the recorded constants: lite on demo.gguf and transformers on the float checkpoint."""
+    import torch
+    from transformers import DeepseekV2ForCausalLM
+
+    model = lite.load(str(DEMO), device="cpu")
+    prompt = model.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    ours = list(model.generate(prompt, max_tokens=N_TOKENS, temperature=0.0))
+    ref = DeepseekV2ForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).eval()
+    seq, theirs = list(prompt), []
+    with torch.no_grad():
+        for _ in range(N_TOKENS):  # greedy, full forward each step; stops before eos as lite does
+            nxt = int(ref(torch.tensor([seq])).logits[0, -1].argmax())
+            if nxt == model.eos_token_id:
+                break
+            theirs.append(nxt)
+            seq.append(nxt)
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    print(f"PROMPT_IDS: list[int] = {prompt}")
+    print(f"LITE_GREEDY: list[int] = {ours}  # lite, demo.gguf (4-bit experts), CPU float32")
+    print(f"FLOAT_GREEDY: list[int] = {theirs}  # transformers, the float32 checkpoint")
+    print(f"AGREE = {agree}  # leading tokens on which the two agree")
+    print(f"# lite:  {model.tokenizer.decode(ours)!r}\n# float: {model.tokenizer.decode(theirs)!r}")
+
+
+if __name__ == "__main__":
+    record(sys.argv[1])

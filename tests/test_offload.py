@@ -1,0 +1,227 @@
+"""The offload engine's invariant (logits do not depend on where experts live), its counters on constructed
+routing sequences, and the trace recorder on a real model."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lite
+from offload import build_experts
+from offload.engine import ExpertEngine
+from quant.gguf_file import GGUFFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+PROMPT = [0, 5, 17, 300, 42, 7, 99, 100, 101, 3, 250, 11]
+DECODE = [8, 400, 77, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, hf_lite) -> Path:
+    """The V2-Lite-like tiny model with the default recipe: routed experts 4-bit (Q4_K / Q4_0)."""
+    from lite.convert import convert
+
+    out = tmp_path_factory.mktemp("offload") / "tiny-q4.gguf"
+    convert(hf_lite, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_gguf):
+    return lite.load(str(tiny_gguf), device="cpu", experts_on="device")
+
+
+def run(model, gguf: GGUFFile, **opts) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    """Swap in an engine built with `opts`; prefill logits [T, vocab], one-token decode logits, stats."""
+    old = model.experts
+    engine = build_experts(old.stacks, old.predict, "cpu", torch.float32, gguf_file=gguf, **opts)
+    model.transformer.experts = model.experts = engine
+    try:
+        s = model.session(32)
+        pre = s.feed(PROMPT, all_logits=True)
+        dec = [s.feed([t]) for t in DECODE]
+        return pre, dec, model.stats()
+    finally:
+        engine.close()
+        model.transformer.experts = model.experts = old
+
+
+def test_logits_identical_across_cache_tier_prefetch_and_miss_policy(tiny_model, tiny_gguf):
+    gguf = GGUFFile(tiny_gguf)
+    base_pre, base_dec, _ = run(tiny_model, gguf, experts_on="device")
+    n = tiny_model.config.n_routed_experts
+    combos = list(itertools.product([1, 2, n], ["ram", "disk"], [False, 1], ["fetch", "cpu", "auto"]))
+    combos += [(1, "ram", 2, "fetch"), (2, "disk", 2, "auto")]  # a deeper lookahead
+    accesses = set()
+    for slots, tier, prefetch, miss in combos:
+        opts = dict(experts_on=tier, expert_cache=slots, prefetch=prefetch, miss_policy=miss)
+        if tier == "disk":
+            opts["ram_memory"] = 4 * tiny_model.experts.expert_bytes  # a RAM LRU of 4 of the 16 experts
+        pre, dec, st = run(tiny_model, gguf, **opts)
+        # the same arithmetic on every path: bit-identical
+        assert torch.equal(pre, base_pre), opts
+        assert all(torch.equal(a, b) for a, b in zip(dec, base_dec)), opts
+        t = st["total"]
+        accesses.add(t["hits"] + t["misses"])  # distinct experts per call: a property of the routing alone
+        assert len(accesses) == 1
+        if miss == "fetch":
+            assert t["cpu_experts"] == 0
+        if miss == "cpu":
+            assert t["cpu_experts"] == t["misses"]
+        if not prefetch:
+            assert t["prefetches_issued"] == 0
+        if slots == n and tier == "ram" and miss == "fetch":
+            assert t["misses"] <= 2 * n  # each expert misses at most once once the cache holds all
+        assert (t["bytes_disk"] > 0) == (tier == "disk")
+
+
+def test_engine_matches_resident_experts_and_reference(tiny_gguf, hf_lite, tmp_path):
+    """Resident baseline ~ engine (only the order of the k-term sum may differ); with an f32 file, the smallest
+    cache on the disk tier matches transformers."""
+    from tiny_models import reference_logits
+
+    from lite.convert import convert
+    from offload.resident import ResidentExperts
+
+    m = lite.load(str(tiny_gguf), device="cpu", experts_on="disk", expert_cache=1, ram_memory=130_000)
+    engine_logits = m.logits(PROMPT)
+    m.transformer.experts = m.experts = ResidentExperts(m.experts.stacks, m.device, m.dtype)
+    resident = m.logits(PROMPT)
+    assert (engine_logits - resident).abs().max() <= 1e-5 * resident.abs().max()
+
+    f32 = tmp_path / "f32.gguf"
+    convert(hf_lite, f32, outtype="f32")
+    ours = lite.load(str(f32), device="cpu", experts_on="disk", expert_cache=1, ram_memory=800_000,
+                     miss_policy="fetch").logits(PROMPT)  # fmt: skip
+    ref = reference_logits(hf_lite, PROMPT)
+    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+# ---- counters on constructed routing ------------------------------------------------------------------------
+
+
+def engine_for(path: Path, slots: int, predicted: dict, **opts) -> ExpertEngine:
+    """An engine over the file's expert stacks whose predictor returns `predicted[layer]` (a list of rows)."""
+    from lite.weights import ExpertStacks
+
+    f = GGUFFile(path)
+    stacks = {}
+    for name in f.tensors:
+        if name.endswith("ffn_gate_exps.weight"):
+            i = int(name.split(".")[1])
+            stacks[i] = ExpertStacks(*(f.tensors[f"blk.{i}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down")))
+
+    def predict(layer: int, h: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(predicted[layer])
+
+    opts.setdefault("experts_on", "ram")
+    return build_experts(stacks, predict, "cpu", torch.float32, expert_cache=slots, **opts)
+
+
+def call(engine: ExpertEngine, layer: int, rows: list[list[int]]) -> torch.Tensor:
+    ids = torch.tensor(rows)
+    hidden = engine.slots[0].gate.shape[1]
+    x = torch.randn(len(rows), hidden)
+    return engine(layer, x, ids, torch.full(ids.shape, 0.5))
+
+
+def test_counters_on_constructed_routing(tiny_gguf):
+    from cache_sim import simulate_prefetch
+
+    # MoE layers 1 and 2, 2 slots each, single tokens with top-2 routing; layer 2's experts are predicted
+    # from layer 1's residual (lookahead 1); nothing predicts layer 1 (layer 0's on_residual is not called)
+    sel = {1: [[[0, 1]], [[0, 2]], [[3, 4]], [[3, 4]]], 2: [[[5, 6]], [[5, 6]], [[0, 7]], [[1, 7]]]}
+    pred = [[[5, 6]], [[5, 7]], [[0, 7]], [[2, 3]]]
+    e = engine_for(tiny_gguf, 2, {}, prefetch=1, miss_policy="fetch")
+    h = torch.zeros(1, 8)
+    calls = []
+    for step in range(4):
+        e.predict = lambda layer, h, step=step: torch.tensor(pred[step])
+        e.on_residual(1, h)
+        call(e, 1, sel[1][step])
+        call(e, 2, sel[2][step])
+        calls.append({"layer": 2, "selected": sel[2][step], "predicted": pred[step]})
+    s = e.stats()
+    l1, l2 = s["layers"][1], s["layers"][2]
+    # layer 1, plain LRU: miss 0 1 | hit 0, miss 2 (evicts 1) | miss 3 4 (evict 0 2) | hit 3 4
+    assert (l1["hits"], l1["misses"], l1["prefetches_issued"]) == (3, 5, 0)
+    # layer 2: step 0 prefetch 5 6, both hit | prefetch 7 (evicts 6); hit 5, miss 6 (evicts unused 7)
+    # | prefetch 0 7 (evict 5 6), both hit | prefetch 2 3 (evict 0 7); miss 1 7 (evict unused 2 3)
+    assert (l2["hits"], l2["misses"], l2["prefetches_issued"], l2["prefetches_used"]) == (5, 3, 7, 4)
+    assert l2["prefetch_precision"] == 4 / 7 and l2["prefetch_recall"] == 4 / (4 + 3)
+    sim = simulate_prefetch(calls, 2)  # the simulator replays the same policy
+    assert (sim["hits"], sim["misses"], sim["prefetches_issued"], sim["prefetches_used"]) == (5, 3, 7, 4)
+    tot = s["total"]
+    assert tot["bytes_h2d"] == (7 + 8) * e.expert_bytes  # every prefetch and every fetched miss is one copy
+    assert tot["bytes_disk"] == 0 and tot["cpu_experts"] == 0 and tot["stall_s"] >= 0
+    assert tot["hits"] == 8 and tot["misses"] == 8 and s["slots_per_layer"] == 2 and s["tier"] == "ram"
+    e.reset_stats()
+    assert e.stats()["total"]["hits"] == 0 and e.stats()["total"]["bytes_h2d"] == 0
+
+
+def test_counters_cpu_policy_and_disk_reads(tiny_gguf):
+    e = engine_for(tiny_gguf, 2, {}, prefetch=False, miss_policy="cpu", experts_on="disk", ram_memory=10**9)
+    raw = e.store.raw_bytes
+    for rows in ([[0, 1]], [[0, 1]], [[1, 2], [2, 3]]):
+        call(e, 1, rows)
+    t = e.stats()["total"]
+    # nothing is ever copied to the device with the cpu policy and no prefetch: every access misses
+    assert (t["hits"], t["misses"], t["cpu_experts"], t["bytes_h2d"]) == (0, 7, 7, 0)
+    assert t["bytes_disk"] == 4 * raw  # experts 0..3 read once each; the RAM LRU holds them afterwards
+    tight = engine_for(tiny_gguf, 2, {}, prefetch=False, miss_policy="cpu", experts_on="disk",
+                       ram_memory=2 * e.expert_bytes)  # fmt: skip
+    for rows in ([[0, 1]], [[2, 3]], [[0, 1]]):
+        call(tight, 1, rows)
+    assert tight.stats()["total"]["bytes_disk"] == 6 * raw  # an LRU of 2 experts: 0 and 1 are read twice
+
+
+def test_prefetch_never_evicts_what_the_current_layer_needs(tiny_gguf):
+    # global scope: 2 MoE layers x 2 slots = 4 slots shared; layer 1 holds 0 and 1, then layer 1's residual
+    # predicts four experts of layer 2: only the two slots not holding layer 1's experts may be taken
+    e = engine_for(tiny_gguf, 2, {2: [[0, 1, 2, 3]]}, prefetch=1, miss_policy="fetch", cache_scope="global")
+    call(e, 1, [[0, 1]])
+    e.on_residual(1, torch.zeros(1, 8))
+    resident = set(e.lru.keys())
+    assert {(1, 0), (1, 1)} <= resident
+    assert e.stats()["layers"][2]["prefetches_issued"] == 2
+    out_before = call(e, 1, [[0, 1]])
+    assert e.stats()["layers"][1]["hits"] == 2 and out_before.shape[1] == e.slots[0].gate.shape[1]
+
+
+def test_fewer_slots_than_active_experts(tiny_gguf):
+    """One slot per layer and a prefill batch needing many experts: they take turns in the slot."""
+    e = engine_for(tiny_gguf, 1, {}, prefetch=False, miss_policy="fetch")
+    rows = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    ids = torch.tensor(rows)
+    x = torch.randn(4, e.slots[0].gate.shape[1])
+    out = e(1, x, ids, torch.ones(4, 2))
+    ref = torch.zeros_like(x)
+    for t, row in enumerate(rows):
+        for j in row:
+            ref[t] += e.store.read((1, j))(x[t : t + 1])[0]
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert e.stats()["total"]["misses"] == 8
+
+
+def test_trace_recorder_on_a_model(tiny_gguf, tmp_path):
+    from cache_sim import report
+
+    from offload.trace import TraceRecorder, read_trace
+
+    m = lite.load(str(tiny_gguf), device="cpu", experts_on="ram", expert_cache=2)
+    with TraceRecorder(tmp_path / "t.jsonl") as rec, rec.attached(m):
+        list(m.generate(PROMPT, max_tokens=4, temperature=0))
+    meta, calls = read_trace(tmp_path / "t.jsonl")
+    k = m.config.num_experts_per_tok
+    assert meta["top_k"] == k and meta["layers"] == [1, 2]
+    assert calls[0]["layer"] == 1 and len(calls[0]["selected"]) == len(PROMPT)
+    assert all(len(row) == k for c in calls for row in c["selected"])
+    assert calls[1]["predicted"] is not None and len(calls[1]["predicted"]) == len(calls[1]["selected"])
+    rep = report(calls, [2, 8])
+    assert rep["sizes"][8]["belady"] >= rep["sizes"][8]["lru"]
+    assert 0 <= rep["prediction_accuracy"] <= 1

@@ -1,0 +1,196 @@
+"""QMatrix: packed 4-bit matmul against dequantize-then-matmul, dense types, and the memory API."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from test_quant_formats import random_raw
+
+from quant.formats import dequantize, quantize
+from quant.qmatrix import INT4_TYPES, QMatrix
+
+Q = gguf.GGMLQuantizationType
+U = 2.0**-8  # bf16 keeps 8 significant bits: one rounding to bf16 has relative error <= 2^-8 (unit roundoff)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def scale_zero_magnitudes(raw: np.ndarray, qtype: Q, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """|scale| and |zero| of each 32-group in torch's w = (q - 8) * scale + zero form, from gguf's own unpacking,
+    expanded to [n, k]: they size the error the bf16 rounding of (scale, zero) can cause."""
+    if qtype == Q.Q4_K:
+        b = raw.reshape(-1, 144)
+        d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, m = gguf.quants.Q4_K.get_scale_min(b[:, 4:16])
+        s, z = d * sc, 8 * d * sc - dmin * m
+    else:
+        b = raw.reshape(-1, 18 if qtype == Q.Q4_0 else 20)
+        s = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+        z = np.zeros_like(s) if qtype == Q.Q4_0 else b[:, 2:4].copy().view(np.float16).astype(np.float32) + 8 * s
+    expand = lambda a: np.repeat(np.abs(a).reshape(n, k // 32), 32, axis=1)  # noqa: E731
+    return expand(s), expand(z)
+
+
+def make_raw(qtype: Q, n: int, k: int, seed: int, quantized: bool) -> np.ndarray:
+    """Either random block bytes, or real weights quantized (Q4_1 through gguf, which can write it)."""
+    rng = np.random.default_rng(seed)
+    if not quantized:
+        return random_raw(qtype, (n, k), rng)
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    raw = gguf.quants.quantize(w, qtype) if qtype == Q.Q4_1 else quantize(w, qtype)
+    return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["random-blocks", "quantized-weights"])
+@pytest.mark.parametrize("n,k", [(48, 256), (40, 512)])  # 40: out_features not a multiple of 16 (padded)
+@pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
+def test_int4_matmul_matches_dequantize_then_matmul(qtype: Q, n: int, k: int, quantized: bool) -> None:
+    raw = make_raw(qtype, n, k, seed=n + k + int(qtype), quantized=quantized)
+    qm = QMatrix.from_gguf(raw, qtype, (n, k))
+    assert qm.layout == "cpu" and qm.dtype == torch.bfloat16
+    w = dequantize(raw, qtype, (n, k)).double()  # [n, k], exact
+    s, z = (torch.from_numpy(a).double() for a in scale_zero_magnitudes(raw, qtype, n, k))
+
+    # The stored weight differs from the exact one only by the bf16 rounding of (scale, zero):
+    # |dw| <= U (|q - 8| |scale| + |zero|) <= U (8 |scale| + |zero|). A wrong mapping is off by O(|w|).
+    dw = (qm.dequantize().double() - w).abs()
+    assert torch.all(dw <= 1.001 * U * (8 * s + z))  # 1.001: float32 rounding of the products
+
+    # The kernel rounds x to bf16, may round each dequantized weight to bf16 too, accumulates in float32 and rounds
+    # y to bf16: |y - x @ w.T| <= U |x| @ (2 |w| + 8 |scale| + |zero|).T + U |y|, elementwise, to first order
+    # (the factor 1.01 covers the second-order terms and the float32 accumulation).
+    torch.manual_seed(0)
+    for x in (torch.randn(1, k), torch.randn(16, k), torch.randn(2, 3, k), torch.randn(5, k).bfloat16()):
+        y = qm(x)
+        assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], n)
+        xd = x.double()
+        ref = xd @ w.T
+        bound = 1.01 * U * (xd.abs() @ (2 * w.abs() + 8 * s + z).T + ref.abs())
+        assert torch.all((y.double() - ref).abs() <= bound)
+        # and the error is small in aggregate (not just within a loose elementwise bound)
+        assert (y.double() - ref).norm() <= 0.01 * ref.norm()
+
+
+@pytest.mark.parametrize(
+    "qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q5_0, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name
+)  # fmt: skip
+def test_other_types_are_dequantized_once_and_exact_in_float32(qtype: Q) -> None:
+    raw = random_raw(qtype, (32, 256), np.random.default_rng(int(qtype)))
+    qm = QMatrix.from_gguf(raw, qtype, (32, 256))
+    w = dequantize(raw, qtype, (32, 256))
+    assert qm.layout == "dense" and qm.dtype == torch.float32 and qm.nbytes == 32 * 256 * 4
+    assert torch.equal(qm.dequantize(), w)
+    x = torch.randn(7, 256)
+    torch.testing.assert_close(qm(x), x @ w.T, rtol=1e-6, atol=1e-6)
+    qb = QMatrix.from_gguf(raw, qtype, (32, 256), dtype=torch.bfloat16)
+    assert qb.dtype == torch.bfloat16 and qb(x).dtype == torch.float32 and qb.nbytes == 32 * 256 * 2
+
+
+def test_int4_stays_packed() -> None:
+    n, k = 1408, 2048
+    raw = make_raw(Q.Q4_K, n, k, seed=1, quantized=False)
+    qm = QMatrix.from_gguf(raw, Q.Q4_K, (n, k))
+    # 4 bits per weight plus a bf16 (scale, zero) pair per 32 weights: 5 bits per weight
+    assert qm.nbytes == n * k // 2 + (k // 32) * n * 2 * 2
+    assert qm.nbytes * 8 / (n * k) == 5.0
+
+
+def test_float_weights_and_cat() -> None:
+    torch.manual_seed(1)
+    a, b = torch.randn(16, 64), torch.randn(32, 64)
+    x = torch.randn(3, 64)
+    dense = QMatrix.cat([QMatrix.from_float(a), QMatrix.from_float(b)])
+    torch.testing.assert_close(dense(x), x @ torch.cat([a, b]).T)
+    # fused gate+up: one packed matrix whose halves equal the separate products bit for bit
+    ra, rb = make_raw(Q.Q4_K, 48, 256, 2, True), make_raw(Q.Q4_0, 40, 256, 3, True)
+    qa, qb = QMatrix.from_gguf(ra, Q.Q4_K, (48, 256)), QMatrix.from_gguf(rb, Q.Q4_0, (40, 256))
+    fused = QMatrix.cat([qa, qb])
+    x = torch.randn(4, 256)
+    y = fused(x)
+    assert fused.shape == (88, 256)
+    assert torch.equal(y[:, :48], qa(x)) and torch.equal(y[:, 48:], qb(x))
+    assert torch.equal(fused.dequantize(), torch.cat([qa.dequantize(), qb.dequantize()]))
+    # whole 64-row blocks join as packed bytes (no repacking); same results
+    rc, rd = make_raw(Q.Q4_K, 128, 512, 4, True), make_raw(Q.Q4_K, 64, 512, 5, True)
+    qc, qd = QMatrix.from_gguf(rc, Q.Q4_K, (128, 512)), QMatrix.from_gguf(rd, Q.Q4_K, (64, 512))
+    fused = QMatrix.cat([qc, qd])
+    x = torch.randn(2, 512).bfloat16()
+    y = fused(x)
+    assert torch.equal(y[:, :128], qc(x)) and torch.equal(y[:, 128:], qd(x))
+    assert torch.equal(fused.dequantize(), torch.cat([qc.dequantize(), qd.dequantize()]))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda t: t.name)
+def test_cache_slot_api(qtype: Q) -> None:
+    raw = (
+        make_raw(Q.Q4_K, 64, 256, 4, True)
+        if qtype == Q.Q4_K
+        else random_raw(qtype, (64, 256), np.random.default_rng(4))
+    )
+    src = QMatrix.from_gguf(raw, qtype, (64, 256))
+    x = torch.randn(2, 256)
+    slot = src.empty_like("cpu")
+    assert slot.nbytes == src.nbytes and slot.layout == src.layout
+    assert slot.copy_(src) is slot
+    assert torch.equal(slot(x), src(x))
+    moved = src.to("cpu")
+    assert torch.equal(moved(x), src(x))
+    other = QMatrix.from_gguf(make_raw(Q.Q4_K, 32, 256, 5, True), Q.Q4_K, (32, 256))
+    with pytest.raises(ValueError, match="cannot copy"):
+        slot.copy_(other)
+
+
+def test_rejects_non_matrices() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        QMatrix.from_gguf(np.zeros(18 * 4, dtype=np.uint8), Q.Q4_0, (2, 2, 32))
+
+
+# ---- CUDA (run on a GPU machine) -------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
+def test_cuda_int4_matmul(qtype: Q) -> None:
+    n, k = 40, 512
+    raw = make_raw(qtype, n, k, seed=9, quantized=False)
+    w = dequantize(raw, qtype, (n, k)).double()
+    s, z = (torch.from_numpy(a).double() for a in scale_zero_magnitudes(raw, qtype, n, k))
+    qm = QMatrix.from_gguf(raw, qtype, (n, k), device="cuda")
+    assert qm.layout == "cuda" and qm.device.type == "cuda"
+    assert torch.all((qm.dequantize().cpu().double() - w).abs() <= 1.001 * U * (8 * s + z))
+    for x in (torch.randn(1, k), torch.randn(16, k)):
+        y = qm(x.cuda()).cpu().double()
+        ref = x.double() @ w.T
+        bound = 1.01 * U * (x.double().abs() @ (2 * w.abs() + 8 * s + z).T + ref.abs())
+        assert torch.all((y - ref).abs() <= bound)
+    # the CPU-packed weight moved to CUDA is repacked and computes the same thing, and back again
+    cpu = QMatrix.from_gguf(raw, qtype, (n, k))
+    assert torch.equal(cpu.to("cuda").dequantize().cpu(), cpu.dequantize())
+    assert torch.equal(qm.to("cpu").dequantize(), cpu.dequantize())
+    # fused matrices on CUDA: the byte-join path (64-row parts) and the repacking path (40 rows)
+    big = QMatrix.from_gguf(make_raw(qtype, 64, k, seed=11, quantized=False), qtype, (64, k), device="cuda")
+    for parts in ([big, big], [qm, big]):
+        fused = QMatrix.cat(parts)
+        x = torch.randn(2, k, device="cuda").bfloat16()
+        assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+@needs_cuda
+def test_cuda_staging_in_pinned_ram_and_async_copy() -> None:
+    n, k = 64, 2048
+    raw = make_raw(Q.Q4_K, n, k, seed=10, quantized=True)
+    ram = QMatrix.from_gguf(raw, Q.Q4_K, (n, k), device="cpu", layout_for="cuda").pin_memory()
+    assert ram.layout == "cuda" and ram.device.type == "cpu"
+    assert all(t.is_pinned() for t in ram.tensors.values())
+    slot = ram.empty_like("cuda")
+    slot.copy_(ram, non_blocking=True)
+    torch.cuda.synchronize()
+    ref = QMatrix.from_gguf(raw, Q.Q4_K, (n, k), device="cuda")
+    x = torch.randn(3, k, device="cuda")
+    assert torch.equal(slot(x), ref(x))
+    dense = QMatrix.from_gguf(
+        random_raw(Q.Q8_0, (n, k), np.random.default_rng(0)), Q.Q8_0, (n, k), "cuda", torch.bfloat16
+    )
+    assert dense.device.type == "cuda" and dense(x).dtype == torch.float32
