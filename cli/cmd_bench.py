@@ -38,8 +38,8 @@ def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 1) -> tuple[str, 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json, highlight=False, markup=False)
-    model, path = common.load_model(args, console)
     ctx = args.ctx_size or args.n_prompt + args.n_gen
+    model, path = common.load_model(args, console, ctx=ctx)
     with console.status(f"benchmarking {path.name} …", spinner="dots") as status:
         result = bench(
             model, args.n_prompt, args.n_gen, args.repetitions, ctx=ctx, seed=args.seed, trace=args.trace,
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, default=str))
         return 0
-    console.print(common.header_line(path, model, ctx), style="bold")
+    console.print(common.header_line(path, model, ctx), style="bold", soft_wrap=True)
     table = Table(title=f"{args.repetitions} repetitions, {result['threads']} threads")
     for col in ("test", "median", "spread (min – max)", "unit"):
         table.add_column(col, justify="right" if col != "test" else "left")

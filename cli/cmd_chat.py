@@ -40,13 +40,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     common.add_context_arg(p)
     common.add_sampling_args(p)
     common.add_offload_args(p)
-    p.epilog = "In the chat, type /help for commands."
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "In the chat:\n" + HELP
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False, markup=False, soft_wrap=True)
-    params = common.sampling_params(args)
+    common.sampling_params(args)  # bad flags fail before the (slow) load
     model, path = common.load_model(args, console)
+    params = common.sampling_params(args, getattr(model, "metadata", None))
     ctx = common.context_size(args, model)
     chat = Chat(model, system=args.system, params=params, max_tokens=args.max_tokens, ctx=ctx)
     console.print(common.header_line(path, model, ctx), style="bold")
@@ -85,8 +87,8 @@ def save_history(path: str | None) -> None:
             pass
 
 
-def read_message(console: Console) -> str | None:
-    """One message; None on Ctrl+D. A line starting with \"\"\" opens a block that a \"\"\" closes."""
+def read_message() -> str:
+    """One message (EOFError on Ctrl+D). A line starting with \"\"\" opens a block that a \"\"\" closes."""
     line = input(">>> ")
     if not line.lstrip().startswith('"""'):
         return line
@@ -106,7 +108,7 @@ def repl(chat: Chat, console: Console) -> None:
     interrupts = 0
     while True:
         try:
-            text = read_message(console)
+            text = read_message()
         except EOFError:
             console.print()
             return
@@ -170,7 +172,7 @@ def footer(s: TurnStats) -> str:
     return (
         f"prompt {s.prompt_tokens} tok {rate(s.prompt_tps)} · gen {s.gen_tokens} tok {rate(s.gen_tps)} · "
         f"TTFT {1000 * s.ttft:.0f} ms · ctx {s.ctx_used}/{s.ctx} · expert hits {hit} · "
-        f"peak {common.human_bytes(s.peak_rss)}"
+        f"peak {common.human_bytes(s.peak_rss)}" + (f" RAM, {common.human_bytes(s.peak_gpu)} GPU" if s.peak_gpu else "")
     )
 
 
@@ -231,12 +233,8 @@ def show_stats(chat: Chat, console: Console) -> None:
         return
     table = Table(title="expert cache (since start)", show_header=False)
     for k, v in total.items():
-        if k.startswith("bytes"):
-            v = common.human_bytes(v)
-        elif isinstance(v, float):
-            v = f"{v:.3f}"
-        table.add_row(k, str(v))
+        table.add_row(k, common.stat_value(k, v))
     for k, v in stats.items():
         if k not in ("total", "layers") and not isinstance(v, (dict, list)):
-            table.add_row(k, str(v))
+            table.add_row(k, common.stat_value(k, v))
     console.print(table)

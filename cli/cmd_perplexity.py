@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise LiteError(f"cannot read {args.file}: {e.strerror}; pass a text file") from None
     except UnicodeDecodeError:
         raise LiteError(f"{args.file} is not UTF-8 text; pass a UTF-8 text file") from None
-    model, path = common.load_model(args, console)
+    model, path = common.load_model(args, console, ctx=args.ctx)
     tok = model.tokenizer
     if tok is None:
         raise LiteError(f"{path.name} has no tokenizer; convert it from a folder with tokenizer.json")
@@ -52,9 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": str(path), "file": args.file, **result.__dict__}))
     else:
-        console.print(
-            " ".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.chunk_ppl)), markup=False, soft_wrap=True
-        )
+        print(" ".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.chunk_ppl)))
         print(
             f"perplexity: {result.ppl:.4f} ± {result.ppl_error:.4f} over {result.chunks} chunks of {result.ctx} "
             f"tokens ({result.tokens_scored} tokens scored, {len(tokens)} in the file)"

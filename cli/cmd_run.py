@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 
 import torch
@@ -38,11 +39,12 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, markup=False)
-    params = common.sampling_params(args)
+    common.sampling_params(args)  # bad flags fail before the (slow) load
     prompt_text = read_prompt(args)
     if args.system and not args.chat:
         raise LiteError("--system needs --chat (a raw prompt has no system turn)")
     model, path = common.load_model(args, console)
+    params = common.sampling_params(args, getattr(model, "metadata", None))
     if model.tokenizer is None:
         raise LiteError(f"{path.name} has no tokenizer; convert it from a folder with tokenizer.json")
     ctx = common.context_size(args, model)
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         stats = TurnStats(ctx=ctx)
         prompt = model.tokenizer.encode(prompt_text, add_bos=True)
         generator = torch.Generator()
-        seed = params.seed if params.seed is not None else int(torch.seed() % 2**31)
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
         generator.manual_seed(seed)
         pieces = complete(model, model.session(ctx), prompt, params, generator, args.max_tokens, stats)
         stats_of = lambda: stats  # noqa: E731
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             "prompt_tokens_per_second": s.prompt_tps,
             "generation_tokens_per_second": s.gen_tps,
             "expert_cache_hit_rate": s.hit_rate,
+            "peak_rss_bytes": s.peak_rss,
             "seed": seed,
         }
         print(json.dumps(record, ensure_ascii=False))

@@ -24,26 +24,34 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+# flag -> (SamplingParams field, GGUF key with the model's recommended value, as llama.cpp reads it)
+SAMPLING_FLAGS = {
+    "temp": ("temperature", "general.sampling.temp"),
+    "top_k": ("top_k", "general.sampling.top_k"),
+    "top_p": ("top_p", "general.sampling.top_p"),
+    "min_p": ("min_p", "general.sampling.min_p"),
+    "repeat_penalty": ("repeat_penalty", "general.sampling.penalty_repeat"),
+}
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
-    g = p.add_argument_group("sampling (applied in llama.cpp's order: repeat penalty, top-k, top-p, min-p, temp)")
-    g.add_argument("--temp", type=float, default=DEFAULTS.temperature, help="temperature; 0 = greedy (%(default)s)")
-    g.add_argument(
-        "--top-k", type=int, default=DEFAULTS.top_k, help="keep the k likeliest tokens; 0 = off (%(default)s)"
+    g = p.add_argument_group(
+        "sampling (llama.cpp's order: repeat penalty, top-k, top-p, min-p, temperature; defaults: the model's "
+        "general.sampling.* values when its GGUF has them, else the values shown)"
     )
+    d = DEFAULTS
+    g.add_argument("--temp", type=float, metavar="X", help=f"temperature; 0 = greedy ({d.temperature})")
+    g.add_argument("--top-k", type=int, metavar="N", help=f"keep the k likeliest tokens; 0 = off ({d.top_k})")
+    g.add_argument("--top-p", type=float, metavar="X", help=f"nucleus: smallest set with this mass ({d.top_p})")
+    g.add_argument("--min-p", type=float, metavar="X", help=f"drop tokens below min-p × the top one ({d.min_p})")
     g.add_argument(
-        "--top-p", type=float, default=DEFAULTS.top_p, help="nucleus: smallest set with this mass (%(default)s)"
-    )
-    g.add_argument(
-        "--min-p", type=float, default=DEFAULTS.min_p, help="drop tokens below min-p × the top one (%(default)s)"
-    )
-    g.add_argument(
-        "--repeat-penalty", type=float, default=DEFAULTS.repeat_penalty,
-        help=f"penalise the last {DEFAULTS.repeat_last_n} tokens; 1 = off (%(default)s)",
+        "--repeat-penalty", type=float, metavar="X",
+        help=f"penalise the last {d.repeat_last_n} tokens; 1 = off ({d.repeat_penalty})",
     )  # fmt: skip
-    g.add_argument("-n", "--max-tokens", type=int, default=max_tokens, help="most tokens per reply (%(default)s)")
     g.add_argument(
-        "--seed", type=int, default=None, help="random seed; the same seed and settings give the same output"
+        "-n", "--max-tokens", type=int, default=max_tokens, metavar="N", help="most tokens per reply (%(default)s)"
     )
+    g.add_argument("--seed", type=int, metavar="N", help="random seed; the same seed and settings give the same output")
 
 
 def add_context_arg(p: argparse.ArgumentParser, default: int | None = DEFAULT_CTX) -> None:
@@ -70,19 +78,25 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    for name in ("temp", "top_p", "min_p", "repeat_penalty"):
-        value = getattr(args, name)
-        if value < 0 or math.isnan(value):
-            raise LiteError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if not 0 <= args.top_p <= 1 or not 0 <= args.min_p <= 1:
+def sampling_params(args: argparse.Namespace, metadata: dict[str, Any] | None = None) -> SamplingParams:
+    """Flags first, then the model's recommended values (GGUF `general.sampling.*`), then lite's defaults.
+    Call it once without metadata before loading, to reject bad flags early."""
+    md = metadata or {}
+    params = SamplingParams(seed=args.seed)
+    for flag, (field, key) in SAMPLING_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            value = md.get(key, getattr(params, field))
+        elif value < 0 or math.isnan(value):
+            raise LiteError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+        setattr(params, field, type(getattr(params, field))(value))
+    if "general.sampling.penalty_last_n" in md:
+        params.repeat_last_n = int(md["general.sampling.penalty_last_n"])
+    if not 0 <= params.top_p <= 1 or not 0 <= params.min_p <= 1:
         raise LiteError("--top-p and --min-p must lie between 0 and 1")
     if args.max_tokens < 1:
         raise LiteError(f"-n/--max-tokens must be at least 1, got {args.max_tokens}")
-    return SamplingParams(
-        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty, seed=args.seed,
-    )  # fmt: skip
+    return params
 
 
 def offload_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,13 +137,16 @@ def resolve_model(path: str | None) -> Path:
     return p
 
 
-def load_model(args: argparse.Namespace, console: Console) -> tuple[Any, Path]:
-    """Resolve MODEL and load it quietly, with a spinner on a terminal."""
+def load_model(args: argparse.Namespace, console: Console, ctx: int | None = None) -> tuple[Any, Path]:
+    """Resolve MODEL and load it quietly, with a spinner on a terminal. `ctx` overrides -c for planning."""
     import lite
 
     path = resolve_model(args.model)
+    options = offload_options(args)
+    if ctx:
+        options["ctx"] = ctx
     with console.status(f"loading {path.name} …", spinner="dots"):
-        model = lite.load(str(path), device=args.device, **offload_options(args))
+        model = lite.load(str(path), device=args.device, **options)
     return model, path
 
 
@@ -141,6 +158,15 @@ def context_size(args: argparse.Namespace, model: Any) -> int:
     if ctx is None:
         ctx = min(DEFAULT_CTX, limit) if limit else DEFAULT_CTX
     return min(ctx, limit) if limit else ctx
+
+
+def stat_value(key: str, value: Any) -> str:
+    """One `model.stats()` figure for a table: sizes in bytes humanised, ratios with 3 digits, None as n/a."""
+    if value is None:
+        return "n/a"
+    if key.startswith("bytes") or key.endswith("_bytes"):
+        return human_bytes(value)
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def human_bytes(n: float) -> str:
@@ -187,6 +213,8 @@ def experts_where(model: Any) -> str:
         return f"experts resident on {device}"
     if tier == "device":
         return f"all {n} experts/layer resident on {device}"
+    if slots is not None and n is not None and slots >= n:
+        return f"all {n} experts/layer cached on {device} (host copy in {tier})"
     k = info.get("prefetch_lookahead") or 0
     prefetch = f"prefetch {k} layer{'s' if k > 1 else ''} ahead" if k else "no prefetch"
     return f"{slots}/{n} expert slots/layer on {device}, the rest in {tier} · {prefetch}"

@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from lite.errors import LiteError
+from lite.generate import common_prefix
 from lite.sampling import SamplingParams, sample
 
 FORMAT = "lite-chat"
@@ -32,6 +33,7 @@ class TurnStats:
     context is full) or "interrupted"."""
 
     prompt_tokens: int = 0  # tokens prefilled this turn (only the new ones)
+    prompt_len: int = 0  # the whole prompt (conversation + generation prompt) in tokens
     prompt_seconds: float = 0.0
     gen_tokens: int = 0
     gen_seconds: float = 0.0  # from the first generated token to the last
@@ -42,7 +44,8 @@ class TurnStats:
     dropped_turns: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
-    peak_rss: int = 0
+    peak_rss: int = 0  # peak resident memory of the process seen during the turn (psutil)
+    peak_gpu: int = 0  # peak CUDA memory allocated by torch (0 on CPU)
     notes: list[str] = field(default_factory=list)
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -65,14 +68,6 @@ def cache_counts(stats: dict[str, Any]) -> tuple[int, int]:
     """(hits, misses) of the expert cache from `model.stats()`; (0, 0) when the backend keeps no stats."""
     total = stats.get("total", stats) if isinstance(stats, dict) else {}
     return int(total.get("hits", 0) or 0), int(total.get("misses", 0) or 0)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class Chat:
@@ -212,7 +207,20 @@ class Chat:
         return self._reply()
 
     def _render(self) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True))
+        """Token ids of the conversation plus the generation prompt. Where the cache holds text that the
+        rendered conversation starts with (the model's own reply tokens, which may be tokenized differently
+        from a fresh encode), those tokens are kept and only the rest is encoded, so that a turn prefills
+        only its new tokens."""
+        ids = list(self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True))
+        held = self.session.tokens
+        render = getattr(self.tokenizer, "render_chat", None)
+        if not held or render is None or common_prefix(held, ids) == len(held):
+            return ids
+        text = render(self.messages, add_generation_prompt=True)
+        done = self.tokenizer.decode(held, special=True)
+        if len(text) > len(done) and text.startswith(done):
+            return held + self.tokenizer.encode(text[len(done) :], add_bos=False, parse_special=True)
+        return ids
 
     def _fit(self, stats: TurnStats) -> list[int]:
         """The prompt for the current messages, dropping the oldest turns until it and room for a reply fit."""
@@ -295,6 +303,7 @@ def complete(
             break
         logits = session.feed(prompt[i : i + prefill_chunk])
     stats.prompt_tokens = len(session.tokens) - keep
+    stats.prompt_len = len(prompt)
     stats.prompt_seconds = time.perf_counter() - t0
 
     stream = tokenizer.stream()
@@ -334,6 +343,9 @@ def complete(
         stats.gen_seconds = (t_last - t_first) if t_first is not None else 0.0
         stats.ctx_used = len(session.tokens)
         stats.peak_rss = max(stats.peak_rss, proc.memory_info().rss)
+        device = getattr(model, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            stats.peak_gpu = torch.cuda.max_memory_allocated(device)
         hits1, misses1 = cache_counts(model.stats())
         stats.cache_hits, stats.cache_misses = hits1 - hits0, misses1 - misses0
     if tail:

@@ -178,7 +178,7 @@ class ModelArgs:
             num_hidden_layers=get(K.BLOCK_COUNT),
             num_attention_heads=get(A.HEAD_COUNT),
             kv_lora_rank=get(A.KV_LORA_RANK),
-            q_lora_rank=get(A.Q_LORA_RANK, None),
+            q_lora_rank=get(A.Q_LORA_RANK, None) or None,  # 0 or absent: q_proj (V2-Lite)
             qk_nope_head_dim=qk_head - rope_dim,
             qk_rope_head_dim=rope_dim,
             v_head_dim=v_head,

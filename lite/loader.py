@@ -54,6 +54,8 @@ class Model:
         def predict(layer: int, h: torch.Tensor) -> torch.Tensor:
             """That layer's ffn_norm + router applied to the residual h [T, hidden] -> expert ids [T, k]."""
             w = weights.layers[layer]
+            if w.router is None:  # a dense layer routes nothing
+                return torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
             return route(args, w.router, rms_norm(h, w.ffn_norm, args.rms_norm_eps))[0]
 
         self.experts = offload.build_experts(stacks, predict, self.device, self.dtype, **options)

@@ -160,7 +160,7 @@ class Transformer:
     def forward(self, tokens: torch.Tensor, cache: LatentCache, start: int, all_logits: bool = True) -> torch.Tensor:
         """tokens [T] at positions start..start+T -> float32 logits [T, vocab] (or [1, vocab] for the last)."""
         eps, on_residual = self.args.rms_norm_eps, getattr(self.experts, "on_residual", None)
-        h = self.weights.embed(tokens.to(self.device)).to(self.dtype)  # [T, hidden]
+        h = self.weights.embed(tokens).to(self.dtype)  # [T, hidden] on the device (ids may stay on the CPU)
         for i, w in enumerate(self.weights.layers):
             h = h + self.attention(i, rms_norm(h, w.attn.norm, eps), cache, start)
             if on_residual is not None:

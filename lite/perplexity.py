@@ -40,8 +40,8 @@ def chunk_nll(session: Any, chunk: list[int], score_block: int = 256) -> torch.T
         stop = min(start + score_block, ctx - 1)
         logits = session.feed(chunk[start:stop], all_logits=True)  # [stop - start, vocab]
         logp = torch.log_softmax(logits.double(), dim=-1)
-        targets = torch.tensor(chunk[start + 1 : stop + 1], dtype=torch.long)
-        nll.append(-logp.gather(1, targets[:, None])[:, 0])
+        targets = torch.tensor(chunk[start + 1 : stop + 1], dtype=torch.long, device=logp.device)
+        nll.append(-logp.gather(1, targets[:, None])[:, 0].cpu())
     return torch.cat(nll) if nll else torch.zeros(0, dtype=torch.float64)
 
 

@@ -72,12 +72,12 @@ class ExpertEngine:
     # ---- mechanism -------------------------------------------------------------------------------
     def _fill(self, key: Key, slot: int, last_use: torch.cuda.Event | None) -> torch.cuda.Event | None:
         """Copy `key` from the host tier into `slot` (inline, or on the worker thread)."""
-        host = self.store.read(key)
-        dst = self.slots[slot]
         if not self.cuda:
-            dst.copy_(host)
+            self.slots[slot].copy_(self.store.read(key))
             return None
-        with torch.cuda.stream(self.copy_stream):
+        with torch.cuda.stream(self.copy_stream):  # a disk read packs for CUDA on the GPU: keep it off compute
+            host = self.store.read(key)
+            dst = self.slots[slot]
             if last_use is not None:  # the slot's previous expert may still be read by queued kernels
                 self.copy_stream.wait_event(last_use)
             dst.copy_(host, non_blocking=True)
@@ -118,9 +118,15 @@ class ExpertEngine:
         if not self.store.on_disk:
             return self.store.read_cpu(key)
         t0 = time.perf_counter()
-        ex = self.worker.submit(self.store.read_cpu, key).result()
+        ex = self.worker.submit(self._read_cpu_job, key).result()
         self.stats_.add(key[0], "stall_s", time.perf_counter() - t0)
         return ex
+
+    def _read_cpu_job(self, key: Key) -> ExpertWeights:
+        if not self.cuda:
+            return self.store.read_cpu(key)
+        with torch.cuda.stream(self.copy_stream):
+            return self.store.read_cpu(key)
 
     def _calibrate(self) -> None:
         """Measure one expert's copy time and CPU latency (1 and 8 tokens) for miss_policy="auto"."""
@@ -180,7 +186,7 @@ class ExpertEngine:
             row = ids[0].tolist()  # the routing decision has to reach the host (one sync per layer)
             experts = sorted(row)
             inputs = {e: x for e in experts}
-            scale = {e: weights[0, j, None] for j, e in enumerate(row)}
+            scale = dict(zip(row, weights[0].tolist()))  # python floats: no per-expert tensor indexing
             n_rows = {e: 1 for e in experts}
         else:
             k = ids.shape[1]
@@ -254,11 +260,10 @@ class ExpertEngine:
 
         out = torch.zeros_like(x)
         for e in experts:  # fixed order: the sum does not depend on where each expert ran
-            y = ys[e] * scale[e].to(ys[e].dtype)
             if ids.shape[0] == 1:
-                out += y
+                out += ys[e] * scale[e]
             else:
-                out.index_add_(0, rows[e], y)
+                out.index_add_(0, rows[e], ys[e] * scale[e].to(ys[e].dtype))
         return out
 
     # ---- stats --------------------------------------------------------------------------------
@@ -275,6 +280,7 @@ class ExpertEngine:
 
     def reset_stats(self) -> None:
         self.stats_.reset()
+        self.prefetched.clear()  # prefetches issued before the reset do not count as used after it
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)

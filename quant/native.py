@@ -108,7 +108,7 @@ def as_raw(data: np.ndarray | torch.Tensor) -> torch.Tensor:
 def gguf_matmul(
     x: torch.Tensor, raw: torch.Tensor | np.ndarray, qtype: int, N: int, K: int, isa: str | None = None
 ) -> torch.Tensor:
-    """y[M, N] = x[M, K] @ W.T for W (N, K) given as its raw GGUF bytes of type `qtype` (zero-copy).
+    """y[..., N] = x[..., K] @ W.T for W (N, K) given as its raw GGUF bytes of type `qtype` (zero-copy).
 
     x is quantized per row to Q8_0 (Q8_K for Q4_K/Q6_K) exactly as llama.cpp's reference quantizers do;
     block dots run in integers, scales in float32. `isa` caps the instruction set ('scalar', 'avx2',
@@ -118,9 +118,12 @@ def gguf_matmul(
         raise LiteError("native kernels unavailable: " + str(build_error()))
     if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
         raw = as_raw(raw)
-    if x.dtype != torch.float32:
-        x = x.float()
-    return torch.ops.lite_gguf.matmul(x, raw, int(qtype), int(N), int(K), _isa_level(isa))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    y = torch.ops.lite_gguf.matmul(x2, raw, int(qtype), int(N), int(K), _isa_level(isa))
+    return y if x.dim() == 2 else y.reshape(*lead, int(N))
 
 
 def quantize_acts(x: torch.Tensor, q8_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from fake_chat_model import EOS, FakeModel
 
 from lite.chat import Chat
 from lite.errors import LiteError
+from lite.generate import common_prefix
 from lite.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -171,17 +172,72 @@ def test_real_multi_turn_reuses_the_cache(real):
     held = list(chat.session.tokens)
     first_prompt = real.tokenizer.apply_chat_template(chat.messages[:2])
     reply(chat, "Tell me more")
-    prompt = real.tokenizer.apply_chat_template(chat.messages[:-1])
-    keep = 0
-    while keep < min(len(held), len(prompt)) and held[keep] == prompt[keep]:
-        keep += 1
+    prompt = chat.session.tokens[: chat.last.prompt_len]
+    keep = common_prefix(held, prompt)
     assert keep >= len(first_prompt)  # the first turn's prompt was never prefilled again
     assert chat.last.prompt_tokens == len(prompt) - keep
+    assert real.tokenizer.decode(prompt, special=True) == real.tokenizer.render_chat(chat.messages[:-1])
     # the incrementally built cache gives the same greedy reply as full forwards from scratch
     ids: list[int] = []
     for _ in range(len(chat.last.token_ids)):
         ids.append(int(torch.argmax(real.logits(prompt + ids)[-1])))
     assert ids == chat.last.token_ids
+
+
+def scripted(real, forced: list[int]):
+    """The real model's tokenizer and session, with the logits forced to spell `forced` after each prompt."""
+    import torch
+
+    class Scripted:
+        tokenizer = real.tokenizer
+        step = 0
+
+        def session(self, ctx=None):
+            inner = real.session(ctx)
+            outer = self
+
+            class S:
+                def __getattr__(self, name):
+                    return getattr(inner, name)
+
+                def feed(self, ids, all_logits=False):
+                    inner.feed(ids)
+                    if len(ids) > 1 or ids[-1] not in forced:  # a prompt: start spelling from the top
+                        outer.step = 0
+                    logits = torch.zeros(real.tokenizer.vocab_size)
+                    logits[forced[min(outer.step, len(forced) - 1)]] = 1.0
+                    outer.step += 1
+                    return logits
+
+            return S()
+
+        def stats(self):
+            return {}
+
+    return Scripted()
+
+
+def byte_tokens(tok, text: str) -> list[int]:
+    """`text` spelled with single-byte tokens (a non-canonical tokenization; splits multi-byte characters)."""
+    byte_id: dict[int, int] = {}
+    for i in range(tok.vocab_size):
+        b = tok.token_bytes(i)
+        if len(b) == 1:
+            byte_id.setdefault(b[0], i)
+    return [byte_id[b] for b in text.encode("utf-8")]
+
+
+def test_real_reply_tokens_stay_in_the_cache(real):
+    """The model's own (non-canonical) reply tokens are kept: the next turn prefills exactly its new text."""
+    tok = real.tokenizer
+    forced = byte_tokens(tok, " Hello there") + [tok.eos_id]
+    chat = Chat(scripted(real, forced), params=GREEDY)
+    assert reply(chat, "Hi") == " Hello there"
+    held = list(chat.session.tokens)
+    reply(chat, "More")
+    new = tok.encode("<｜end▁of▁sentence｜>User: More\n\nAssistant:", add_bos=False, parse_special=True)
+    assert chat.session.tokens[: len(held)] == held and chat.last.prompt_tokens == len(new)
+    assert chat.session.tokens[len(held) : len(held) + len(new)] == new
 
 
 def test_real_same_seed_same_conversation(real):
@@ -198,50 +254,9 @@ def test_real_same_seed_same_conversation(real):
 def test_real_utf8_split_across_byte_tokens(real):
     """A reply made of single-byte tokens that split multi-byte characters streams whole characters only."""
     tok = real.tokenizer
-    byte_id = {}
-    for i in range(tok.vocab_size):
-        b = tok.token_bytes(i)
-        if len(b) == 1:
-            byte_id.setdefault(b[0], i)
     text = "Café 混合专家 🚀"
-    forced = [byte_id[b] for b in text.encode("utf-8")] + [tok.eos_id]
+    forced = byte_tokens(tok, text) + [tok.eos_id]
     assert len(forced) > len(text) + 1  # several tokens per character
-
-    class Scripted:
-        """The real model's tokenizer and session, with the logits forced to spell `forced`."""
-
-        tokenizer = tok
-
-        def session(self, ctx=None):
-            inner = real.session(ctx)
-            outer = self
-
-            class S:
-                def __getattr__(self, name):
-                    return getattr(inner, name)
-
-                def feed(self, ids, all_logits=False):
-                    inner.feed(ids)
-                    outer.step += 1  # the prompt's feed yields forced[0], each fed reply token the next
-                    return outer.next_logits()
-
-            return S()
-
-        def stats(self):
-            return {}
-
-        def __init__(self):
-            self.step = 0
-
-        def next_logits(self):
-            import torch
-
-            logits = torch.zeros(tok.vocab_size)
-            logits[forced[min(self.step - 1, len(forced) - 1)]] = 1.0
-            return logits
-
-    model = Scripted()
-    chat = Chat(model, params=GREEDY)
-    pieces = list(chat.send("q"))
+    pieces = list(Chat(scripted(real, forced), params=GREEDY).send("q"))
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces) and len(pieces) == len(text)

@@ -24,14 +24,14 @@ def tiny(tmp_path_factory) -> Path:
     return tiny_chat_model(tmp_path_factory.mktemp("pty_models"))[0]
 
 
-def spawn(model: Path, tmp_path: Path, *args: str):
+def spawn(model: Path | None, tmp_path: Path, *args: str):
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "TERM": "xterm", "COLUMNS": "250",
         "LITE_HISTORY": str(tmp_path / "history"),
         "OMP_NUM_THREADS": "1",  # tiny model: one thread is fastest, and robust on a busy machine
     }  # fmt: skip
     child = pexpect.spawn(
-        sys.executable, ["-m", "cli.main", "chat", str(model), *args], cwd=str(ROOT), env=env,
+        sys.executable, ["-m", "cli.main", "chat", *([str(model)] if model else []), *args], cwd=str(ROOT), env=env,
         encoding="utf-8", timeout=120, dimensions=(50, 250),
     )  # fmt: skip
     child.expect(PROMPT)
@@ -115,6 +115,10 @@ def test_chat_session(tiny, tmp_path):
     assert messages[-4]["content"] == "Tell me a long story" and messages[-3]["role"] == "assistant"
     assert messages[-3]["content"] or not stopped  # a stopped reply is kept as it was
 
+    child.send("\x1b[A\r")  # arrow up recalls the last input (/save), Enter runs it again
+    child.expect(r"\(saved \d+ messages")
+    child.expect(PROMPT)
+
     # Ctrl+C at the prompt warns, a second one exits
     child.sendintr()
     child.expect("Ctrl\\+C again")
@@ -143,6 +147,20 @@ def test_context_overflow_and_ctrl_d(tiny, tmp_path):
     assert dropped
     assert re.search(r"prefetch_precision\s+\S+", command(child, "/stats"))
     child.sendeof()  # Ctrl+D exits
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_bundled_demo_model_chats(tmp_path):
+    from cli.common import DEFAULT_MODEL
+
+    if not DEFAULT_MODEL.is_file():
+        pytest.skip(f"{DEFAULT_MODEL} is not built yet (issue 6); `lite chat` then explains how to get a model")
+    child = spawn(None, tmp_path, "--temp", "0", "-n", "16")  # no MODEL: the bundled demo model
+    assert "ctx " in child.before
+    say(child, "Hello, who are you?")
+    child.sendline("/bye")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

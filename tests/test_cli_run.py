@@ -182,6 +182,22 @@ def test_perplexity_cli_matches_library(tiny, tmp_path, lite):
     assert f"perplexity: {rec['chunk_ppl'][1]:.4f}" in out
 
 
+def test_sampling_defaults_come_from_the_model():
+    import argparse
+
+    from cli import common
+    from lite.sampling import SamplingParams
+
+    p = argparse.ArgumentParser()
+    common.add_sampling_args(p)
+    md = {"general.sampling.temp": 0.3, "general.sampling.top_k": 20, "general.sampling.penalty_last_n": 32}
+    params = common.sampling_params(p.parse_args([]), md)
+    assert (params.temperature, params.top_k, params.repeat_last_n) == (0.3, 20, 32)
+    assert params.top_p == SamplingParams().top_p  # not in the file: lite's default
+    params = common.sampling_params(p.parse_args(["--temp", "0", "--top-k", "5", "--seed", "9"]), md)
+    assert (params.temperature, params.top_k, params.seed) == (0.0, 5, 9)  # flags win
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_flag_is_in_help_and_readme(command):
     from cli.main import build_parser

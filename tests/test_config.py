@@ -127,3 +127,30 @@ def test_plan_tensors(hf_checkpoint):
         plan_tensors(shapes, args)
     with pytest.raises(LiteError, match="no llama.cpp name"):
         plan_tensors({**shapes, "model.bogus.weight": (2,)}, args)
+
+
+V2_LITE_HUB = {  # DeepSeek-V2-Lite's config.json as published (hub style)
+    "architectures": ["DeepseekV2ForCausalLM"], "first_k_dense_replace": 1, "hidden_size": 2048,
+    "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 1408,
+    "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+    "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "routed_scaling_factor": 1.0, "scoring_func": "softmax", "topk_group": 1, "topk_method": "greedy",
+    "v_head_dim": 128, "vocab_size": 102400,
+}  # fmt: skip
+V2_HUB = dict(V2_LITE_HUB, q_lora_rank=1536, hidden_size=5120, intermediate_size=12288, n_group=8, topk_group=3,
+              topk_method="group_limited_greedy", n_routed_experts=160, num_attention_heads=128,
+              num_hidden_layers=60, routed_scaling_factor=16.0, max_position_embeddings=163840)  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", [V2_LITE_HUB, V2_HUB], ids=["V2-Lite", "V2"])
+def test_published_configs(cfg):
+    args = ModelArgs.from_hf(cfg)
+    assert args.latent_dim == 576 and args.qk_head_dim == 192
+    meta = gguf_metadata_from_hf(cfg)
+    assert meta[f"{ARCH}.attention.key_length"] == 576 and meta[f"{ARCH}.attention.value_length"] == 512
+    assert meta[f"{ARCH}.rope.scaling.factor"] == 40 and meta[f"{ARCH}.rope.scaling.original_context_length"] == 4096
+    assert ModelArgs.from_gguf(meta) == args
+    assert (args.topk_method == "group_limited_greedy") == (cfg["n_group"] > 1)

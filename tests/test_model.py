@@ -259,3 +259,15 @@ def test_cuda_parity_and_incremental(hf_checkpoint, tmp_path):
         assert float(cos.mean()) >= 0.98, cos
     bf16.eos_token_id = None
     assert len(list(bf16.generate(TOKENS[:4], max_tokens=4, temperature=0.8, seed=1))) == 4
+
+
+def test_load_converted_with_tokenizer(tmp_path_factory):
+    pytest.importorskip("lite.convert", reason="the converter (lite/convert.py) is not there yet")
+    from cli_models import tiny_chat_model
+
+    path, hf = tiny_chat_model(tmp_path_factory.mktemp("with_tokenizer"))
+    model = lite.load(str(path), device="cpu")
+    assert model.tokenizer is not None
+    assert model.eos_token_id == model.tokenizer.eos_id is not None
+    tokens = model.tokenizer.encode("hello world")
+    assert_parity(model.logits(tokens), reference_logits(hf, tokens))

@@ -6,6 +6,8 @@ so every quant/scale bit pattern occurs). Activations are random floats. Each IS
 
 from __future__ import annotations
 
+import shutil
+
 import gguf
 import numpy as np
 import pytest
@@ -13,7 +15,13 @@ import torch
 
 from quant import native
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels did not build: {native.build_error()}")
+# Without a C++ compiler the runtime falls back to torch; with one, a failed build is a bug.
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: native kernels can't build")
+
+
+def test_extension_builds() -> None:
+    assert native.available(), native.build_error()
+
 
 T = gguf.GGMLQuantizationType
 # byte offsets of the fp16 scale fields inside one block
@@ -176,6 +184,15 @@ def test_zero_copy_from_read_only_memmap(tmp_path) -> None:
     torch.testing.assert_close(
         y, native.gguf_matmul(x, raw, int(T.Q8_0), 300, 1408, isa="scalar"), rtol=1e-5, atol=1e-4
     )
+
+
+def test_leading_dims_and_empty() -> None:
+    raw = torch.from_numpy(random_blocks(T.Q8_0, 8, 64, np.random.default_rng(6)))
+    x = torch.randn(2, 3, 64)
+    y = native.gguf_matmul(x, raw, int(T.Q8_0), 8, 64)
+    assert y.shape == (2, 3, 8)
+    torch.testing.assert_close(y.reshape(6, 8), native.gguf_matmul(x.reshape(6, 64), raw, int(T.Q8_0), 8, 64))
+    assert native.gguf_matmul(torch.zeros(0, 64), raw, int(T.Q8_0), 8, 64).shape == (0, 8)
 
 
 def test_bad_arguments_raise() -> None:

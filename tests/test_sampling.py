@@ -96,14 +96,14 @@ def test_sample_frequencies_match_distribution():
     p = params(top_p=0.81, temperature=1.5)
     expected = probabilities(logits, p)
     g = torch.Generator().manual_seed(1234)
-    n = 20000
+    n = 8000
     counts = torch.zeros(4)
     for _ in range(n):
         counts[sample(logits, p, generator=g)] += 1
     assert counts[3] == 0  # filtered token never drawn
     freq = counts / n
-    # binomial standard error <= 0.0036 at n=20000; 5 sigma
-    assert torch.all((freq - expected).abs() < 0.018), (freq, expected)
+    # binomial standard error <= 0.0056 at n=8000; 5 sigma
+    assert torch.all((freq - expected).abs() < 0.028), (freq, expected)
 
 
 def test_same_seed_same_draws():
