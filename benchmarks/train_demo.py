@@ -1,13 +1,17 @@
 """Train the bundled demo model: a small DeepSeek-V2 chat model on tinyshakespeare.
 
-    nice python benchmarks/train_demo.py --out /tmp/demo_ckpt          # ~25 min on 2 idle cores
+    nice python benchmarks/train_demo.py --out /tmp/demo_ckpt          # planned at ~25 min on 2 idle cores
     lite convert /tmp/demo_ckpt -o lite/data/demo.gguf                  # default recipe: 4-bit experts
+    python benchmarks/train_demo.py --out /tmp/demo_ckpt --hf-perplexity    # float32 perplexity on val.txt
+    python benchmarks/train_demo.py --chat-trace trace.jsonl                # routing trace of a chat with the GGUF
+
+The bundled lite/data/demo.gguf was trained with `--steps 120` (see benchmarks/README.md, "Demo model").
 
 The corpus's consecutive speaker turns become "User:" / "Assistant:" exchanges in DeepSeek-V2's chat
 template, so the model learns to answer a line with a line. The tokenizer is a byte-level BPE trained with
 `tokenizers` under DeepSeek LLM's pre-tokenizer rules. The model is transformers' `DeepseekV2ForCausalLM`
 (MLA latent attention, 16 routed experts top-2, 2 shared, one leading dense layer), trained with a
-Switch-style load-balancing loss. Seeded: the same command on the same torch build gives the same weights.
+Switch-style load-balancing loss. Seeded (data order, init, tokenizer), single process, CPU.
 The output folder is a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json with the chat template) plus val.txt (the held-out split as plain chat text, for
 `lite perplexity`) and metrics.json.

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from lite.errors import LiteError
@@ -64,6 +65,7 @@ def add_context_arg(p: argparse.ArgumentParser, default: int | None = DEFAULT_CT
 def add_offload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory (where the routed experts live; see `lite plan`)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (%(default)s)")
+    g.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's, the cores)")
     g.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 6GiB (default: free memory - reserve)")
     g.add_argument(
         "--ram", metavar="SIZE", help="RAM budget for experts, e.g. 8GiB; smaller than the experts = disk tier"
@@ -142,6 +144,10 @@ def load_model(args: argparse.Namespace, console: Console, ctx: int | None = Non
     import lite
 
     path = resolve_model(args.model)
+    if getattr(args, "threads", None):
+        if args.threads < 1:
+            raise LiteError(f"-t/--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     options = offload_options(args)
     if ctx:
         options["ctx"] = ctx

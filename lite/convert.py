@@ -154,6 +154,11 @@ def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, ftype: gguf.LlamaFi
         meta.pop(k.KEY_LENGTH_MLA.format(arch=ARCH), None)
         meta.pop(k.VALUE_LENGTH_MLA.format(arch=ARCH), None)
         notes.append("legacy layout: a single attn_kv_b per layer")
+    q_lora = gguf.Keys.Attention.Q_LORA_RANK.format(arch=ARCH)
+    if ckpt.args.q_lora_rank is None:
+        # llama.cpp skips reading q_lora_rank only for 26- or 27-layer models (the real V2-Lite) and fails on
+        # any other q_proj model without it; 0 tells it (and lite) "q_proj, no q LoRA" for every depth.
+        meta[q_lora] = 0
     add_metadata(writer, meta)
     writer.add_file_type(int(ftype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -1,5 +1,5 @@
 """User-facing errors: each message is one line naming the problem and the fix."""
 
+from quant.errors import LiteError
 
-class LiteError(Exception):
-    """An error caused by user input or environment; the CLI prints it as one line, without a traceback."""
+__all__ = ["LiteError"]

@@ -130,7 +130,6 @@ def load(
 
     f = GGUFFile(path)  # raises LiteError for a missing or garbled file
     args = ModelArgs.from_gguf(f.metadata)
-    options.setdefault("gguf_file", f)  # lets the offload planner count the dense weights too
     return Model(
         args,
         f.tensors,

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lite.errors import LiteError
+from quant.errors import LiteError
 
 __all__ = ["build_experts", "ExpertEngine"]
 

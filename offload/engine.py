@@ -5,7 +5,9 @@ Mechanism (moving bytes) lives here; policy (which slot, what to evict, what to 
 On CUDA, copies from pinned RAM run on a dedicated copy stream and the compute stream waits on their events;
 the host only blocks on a true miss. Disk reads (and, with device="cpu", slot copies) run on one background
 worker thread. Every path computes an expert with the same `ExpertWeights.__call__` and sums the experts in
-ascending id order, so logits do not depend on cache size, tier, prefetch or miss policy.
+ascending id order, so logits do not depend on cache size, tier, prefetch or miss policy. On the CPU with
+experts kept as GGUF bytes, one token's experts run in one native `moe_one_token` call (ascending id order too),
+whichever tier each came from.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from offload.experts import ExpertWeights
+from offload.experts import ExpertWeights, moe_one_token
 from offload.policy import Key, SlotLRU, prefetch_plan
 from offload.stats import ExpertStats
 
@@ -45,6 +47,7 @@ class ExpertEngine:
         self.predict = predict
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.fused = not self.cuda and template.native  # one-token calls go through moe_one_token
         self.lookahead = lookahead if predict is not None else 0
         self.miss_policy = miss_policy
         self.expert_bytes = template.nbytes
@@ -230,10 +233,16 @@ class ExpertEngine:
             issued.append(key)
 
         ys: dict[int, torch.Tensor] = {}
+        fused = self.fused and ids.shape[0] == 1
+        sources: dict[int, ExpertWeights] = {}  # fused: each expert's weights, all run at the end in one call
 
         def run_slot(key: Key, miss: bool) -> None:
             slot = self.lru.lookup(key)
-            ys[key[1]] = self._ready(slot, layer, miss)(inputs[key[1]])
+            if fused:  # a deferred fetch may refill this slot before the fused call: then keep a copy
+                ready = self._ready(slot, layer, miss)
+                sources[key[1]] = ready.clone() if deferred else ready
+            else:
+                ys[key[1]] = self._ready(slot, layer, miss)(inputs[key[1]])
             if self.cuda:
                 used = torch.cuda.Event()
                 used.record(torch.cuda.current_stream(self.device))
@@ -244,7 +253,10 @@ class ExpertEngine:
         for key in to_cpu:  # the CPU works while the copies of `issued` are in flight
             cpu = self._host_expert(key)
             xs = inputs[key[1]]
-            ys[key[1]] = cpu(xs.to("cpu")).to(x.device) if self.cuda else cpu(xs)
+            if fused:
+                sources[key[1]] = cpu
+            else:
+                ys[key[1]] = cpu(xs.to("cpu")).to(x.device) if self.cuda else cpu(xs)
             self.stats_.add(layer, "cpu_experts")
         for key in issued:
             run_slot(key, miss=True)
@@ -258,6 +270,8 @@ class ExpertEngine:
             run_slot(key, miss=True)
             remaining.discard(key)
 
+        if fused:
+            return moe_one_token([sources[e] for e in experts], x, [scale[e] for e in experts])
         out = torch.zeros_like(x)
         for e in experts:  # fixed order: the sum does not depend on where each expert ran
             if ids.shape[0] == 1:

@@ -2,10 +2,12 @@
 
 `ExpertWeights` is the unit the stores and the device cache move around: built from a GGUF expert slice
 (`from_stacks`), copied into preallocated slots (`empty_like` + `copy_`), pinned for async copies.
+`moe_one_token` runs one token through several experts kept as GGUF bytes on the CPU in one native call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,36 @@ class ExpertWeights:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ExpertWeights:
         return ExpertWeights(*(m.to(device, non_blocking=non_blocking) for m in (self.gate, self.up, self.down)))
+
+    @property
+    def native(self) -> bool:
+        """All three matrices are GGUF bytes for the native CPU kernels (`moe_one_token` can run them)."""
+        return self.gate.layout == self.up.layout == self.down.layout == "gguf"
+
+    def clone(self) -> ExpertWeights:
+        """A copy in fresh memory (for when the slot it lives in is about to be refilled)."""
+        return self.empty_like(self.gate.device).copy_(self)
+
+
+def moe_one_token(experts: Sequence[ExpertWeights], x: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """sum_i weights[i] * experts[i](x) for one token x [1, hidden] -> [1, hidden], in one native call.
+
+    Every expert must be `native` with the same types (one layer's). The terms are added in the given order,
+    so callers pass experts in a fixed (ascending id) order for results that do not depend on where they live.
+    """
+    first = experts[0]
+    types = (int(first.gate.qtype), int(first.up.qtype), int(first.down.qtype))
+    y = torch.ops.lite_gguf.moe_ffn(
+        x.reshape(-1).float(),
+        [e.gate.tensors["raw"] for e in experts],
+        [e.up.tensors["raw"] for e in experts],
+        [e.down.tensors["raw"] for e in experts],
+        torch.tensor(weights, dtype=torch.float32),
+        *types,
+        first.gate.shape[0],
+        first.gate._isa,
+    )  # [hidden]
+    return y.reshape(1, -1).to(x.dtype)
 
 
 def expert_from_raw(

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lite.errors import LiteError
+from quant.errors import LiteError
 
 GiB = 1024**3
 MiB = 1024**2
@@ -320,5 +320,7 @@ def plan_file(path: str, device: str = "cpu", **options: Any) -> tuple[Plan, Mod
         f = GGUFFile(path)
     except FileNotFoundError:
         raise LiteError(f"no such model file: {path}") from None
-    sizes = model_sizes(f.metadata, f.tensors, 2 if device.startswith("cuda") else 4)
+    cuda = device.startswith("cuda")
+    sizes = model_sizes(f.metadata, f.tensors, 2 if cuda else 4)  # lite's defaults: bf16 on CUDA, float32 on CPU
+    options.setdefault("cache_dtype_bytes", 2 if cuda else 4)
     return make_plan(sizes, device=device, **options), sizes

@@ -15,7 +15,7 @@ import gguf
 import numpy as np
 import torch
 
-from lite.errors import LiteError
+from quant.errors import LiteError
 from quant.kquants import quantize_q4_k
 
 Q = gguf.GGMLQuantizationType

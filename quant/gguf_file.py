@@ -15,7 +15,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from lite.errors import LiteError
+from quant.errors import LiteError
 
 _T = gguf.GGUFValueType
 

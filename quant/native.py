@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lite.errors import LiteError
+from quant.errors import LiteError
 
 __all__ = [
     "ISAS",
@@ -51,7 +51,7 @@ def _load() -> bool:
         try:
             from torch.utils import cpp_extension
 
-            # The sources' hash is part of torch's cache key, so edits rebuild and nothing else does.
+            # Cached in TORCH_EXTENSIONS_DIR; ninja rebuilds only what changed (headers tracked through -MMD).
             cpp_extension.load(
                 name="lite_gguf_kernels",
                 sources=[str(_CSRC / s) for s in _SOURCES],

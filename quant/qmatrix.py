@@ -12,11 +12,19 @@ The packed weight is 4 bits/weight plus a bf16 (scale, zero) pair per group (1 b
 (float32 activations run ~40x slower on CPU), so x is cast to bf16 inside and the result cast back to x's dtype.
 The packed layout is device-specific (and ISA-specific on CPU); `layout` records which kernel it is packed for.
 Every other type is dequantized once at load to a dense weight of the requested dtype.
+
+On the CPU, types the native kernels read (quant/native.py: Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) use layout "gguf"
+instead: the GGUF bytes themselves (a zero-copy view of the memory-mapped file), multiplied with 8-bit
+activations like llama.cpp. Large batches (prefill) dequantize to bf16 per call instead, where measured faster.
+`LITE_CPU_KERNEL` picks the CPU kernel: "native" (default; int4pack for the 4-bit types native lacks, or when the
+extension cannot build), "int4pack" (the 4-bit types packed, the rest dense) or "dense" (everything dequantized).
+F32/F16/BF16 are always dense, so an f32 GGUF stays exact.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import gguf
@@ -24,10 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quant import native
+from quant.errors import LiteError
 from quant.formats import _as_uint8_tensor, _f16, _k_scale_min, _nibbles, dequantize, nbytes
 
 Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
+NATIVE_TYPES = tuple(Q[name] for name in native.SUPPORTED_QTYPES)
+CPU_KERNELS = ("native", "int4pack", "dense")
+# Rows of x from which a "gguf" weight is dequantized to bf16 per call (AMX/AVX512-BF16 GEMM) instead of running
+# the 8-bit kernel, whose cost grows linearly with rows. Measured (benchmarks/bench_decode.py --prefill) on the
+# 1408x2048 / 2048x1408 / 2048x2048 shapes of DeepSeek-V2-Lite: native wins at 64 rows for every type.
+DEQUANT_FROM_ROWS = {Q.Q8_0: 128, Q.Q4_0: 192, Q.Q5_0: 192, Q.Q4_K: 192, Q.Q6_K: 192}
 GROUP = 32
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
 
@@ -61,6 +77,35 @@ def _has_int4_kernel(layout: str) -> bool:
     if layout == "cpu":
         return True
     return layout == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def cpu_kernel(kernel: str | None = None) -> str:
+    """The CPU kernel choice: `kernel`, else $LITE_CPU_KERNEL, else "native"."""
+    kernel = kernel or os.environ.get("LITE_CPU_KERNEL") or "native"
+    if kernel not in CPU_KERNELS:
+        raise LiteError(f"unknown CPU kernel {kernel!r}: use one of {', '.join(CPU_KERNELS)} (LITE_CPU_KERNEL)")
+    return kernel
+
+
+def choose_layout(qtype: Q, k: int, layout_for: str, kernel: str | None = None) -> str:
+    """Which layout a weight of `qtype` with rows of `k` gets for the kernels of device type `layout_for`."""
+    if layout_for == "cpu":
+        kernel = cpu_kernel(kernel)
+        if kernel == "native" and qtype in NATIVE_TYPES and native.available():
+            return "gguf"
+        if kernel == "dense":
+            return "dense"
+    if qtype in INT4_TYPES and k % GROUP == 0 and _has_int4_kernel(layout_for):
+        return layout_for
+    return "dense"
+
+
+def _isa_level() -> int:
+    """$LITE_NATIVE_ISA as the kernels' level (-1: the best this CPU has), read once per weight."""
+    isa = os.environ.get("LITE_NATIVE_ISA")
+    if isa and isa not in native.ISAS:
+        raise LiteError(f"unknown ISA {isa!r}: use one of {', '.join(native.ISAS)} (LITE_NATIVE_ISA)")
+    return native.ISAS[isa] if isa else -1
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -120,17 +165,33 @@ def _unpack(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
 class QMatrix:
     """A weight W [out, in] in compact form; `qm(x)` computes `x @ W.T` for x [..., in]."""
 
-    def __init__(self, shape: Sequence[int], qtype: Q, layout: str, tensors: dict[str, torch.Tensor], padded_n: int):
+    def __init__(
+        self,
+        shape: Sequence[int],
+        qtype: Q,
+        layout: str,
+        tensors: dict[str, torch.Tensor],
+        padded_n: int,
+        readonly: bool = False,
+    ):
         self.shape = (int(shape[0]), int(shape[1]))
         self.qtype = Q(qtype)
-        self.layout = layout  # "cpu" / "cuda": int4 kernel the weight is packed for; "dense": a plain matrix
-        self.tensors = tensors  # int4: packed, scales_zeros [in/32, padded_n, 2] bf16; dense: weight [out, in]
+        # "cpu" / "cuda": the int4 kernel the weight is packed for; "gguf": raw GGUF blocks for the native CPU
+        # kernels; "dense": a plain matrix
+        self.layout = layout
+        # int4: packed, scales_zeros [in/32, padded_n, 2] bf16; gguf: raw (uint8, 1-D); dense: weight [out, in]
+        self.tensors = tensors
         self.padded_n = padded_n
-        self._packed, self._sz = tensors.get("packed"), tensors.get("scales_zeros")
+        self.readonly = readonly  # a view of a read-only memory map: never written into
+        self._packed, self._sz, self._raw = tensors.get("packed"), tensors.get("scales_zeros"), tensors.get("raw")
         if layout == "cpu":
             self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         elif layout == "cuda":
             self._mm = torch.ops.aten._weight_int4pack_mm
+        elif layout == "gguf":
+            self._mm = torch.ops.lite_gguf.matmul
+            self._qid, self._isa = int(self.qtype), _isa_level()
+            self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62)
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -143,25 +204,33 @@ class QMatrix:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         layout_for: str | torch.device | None = None,
+        kernel: str | None = None,
     ) -> QMatrix:
         """Raw GGML bytes of a (out, in) weight -> QMatrix on `device`.
 
-        4-bit types are packed for the kernel of `layout_for` (default: `device`), e.g. device="cpu",
+        On the CPU, types the native kernels read keep their GGUF bytes (layout "gguf", zero-copy: `raw` itself
+        when it is a numpy array or uint8 tensor, e.g. a view of the memory-mapped file). 4-bit types are
+        otherwise packed for the int4 kernel of `layout_for` (default: `device`), e.g. device="cpu",
         layout_for="cuda" gives a RAM copy ready to be copied into CUDA cache slots. Other types (and 4-bit ones
         where no int4 kernel exists, e.g. pre-Ampere GPUs) become a dense `dtype` weight (float32 keeps an f32 GGUF
-        exact).
+        exact). `kernel` ("native", "int4pack", "dense") overrides $LITE_CPU_KERNEL for CPU layouts.
         """
         qtype, device = Q(qtype), torch.device(device)
         if len(shape) != 2:
             raise ValueError(f"QMatrix needs a 2-D (out, in) shape, got {tuple(shape)}")
         n, k = (int(s) for s in shape)
-        layout = torch.device(layout_for or device).type
-        if qtype not in INT4_TYPES or k % GROUP or not _has_int4_kernel(layout):
+        layout = choose_layout(qtype, k, torch.device(layout_for or device).type, kernel)
+        if layout == "gguf" and device.type != "cpu":
+            layout = "dense"
+        if layout == "dense":
             return cls.from_float(dequantize(raw, qtype, (n, k)), device, dtype, qtype=qtype)
-        work = layout if layout == "cuda" else "cpu"  # the packer runs on the layout's own device
-        data = _as_uint8_tensor(raw)
+        data = native.as_raw(raw) if layout == "gguf" else _as_uint8_tensor(raw)
         if data.numel() != nbytes((n, k), qtype):
             raise ValueError(f"{qtype.name} weight of shape {(n, k)} needs {nbytes((n, k), qtype)} bytes")
+        if layout == "gguf":
+            readonly = isinstance(raw, np.ndarray) and not raw.flags.writeable
+            return cls((n, k), qtype, "gguf", {"raw": data}, n, readonly=readonly)
+        work = layout if layout == "cuda" else "cpu"  # the packer runs on the layout's own device
         q, scale, zero = _int4_params(data.to(work), qtype, n, k)
         pn = -(-n // _N_ALIGN) * _N_ALIGN
         if pn != n:  # padding rows: q = 8 with scale = zero = 0 contribute exact zeros
@@ -189,10 +258,13 @@ class QMatrix:
             raise ValueError("QMatrix.cat needs parts with the same layout and in_features")
         if first.layout == "dense":
             return QMatrix.from_float(torch.cat([p.tensors["weight"] for p in parts]), first.device, first.dtype)
-        k = first.shape[1]
+        n, k = sum(p.shape[0] for p in parts), first.shape[1]
+        if first.layout == "gguf":  # GGUF rows are independent: the raw bytes concatenate (a copy out of the mmap)
+            if any(p.qtype != first.qtype for p in parts):
+                raise ValueError("QMatrix.cat needs gguf parts of one type")
+            return QMatrix((n, k), first.qtype, "gguf", {"raw": torch.cat([p._raw for p in parts])}, n)
         if all(p.shape[0] % _ROW_BLOCK == 0 for p in parts) and _packing_is_row_local(first.layout, k):
-            n = sum(p.shape[0] for p in parts)  # whole row blocks: join the packed bytes, no repacking
-            tensors = {
+            tensors = {  # whole row blocks: join the packed bytes, no repacking
                 "packed": torch.cat([p._packed for p in parts]),
                 "scales_zeros": torch.cat([p._sz for p in parts], 1),
             }
@@ -203,12 +275,11 @@ class QMatrix:
             qs.append(q[: p.shape[0]])
             szs.append(p.tensors["scales_zeros"][:, : p.shape[0]])
         q, sz = torch.cat(qs), torch.cat(szs, dim=1)
-        n = q.shape[0]
         pn = -(-n // _N_ALIGN) * _N_ALIGN
         if pn != n:
             q, sz = F.pad(q, (0, 0, 0, pn - n), value=8), F.pad(sz, (0, 0, 0, pn - n))
         tensors = {"packed": _pack(q, first.layout), "scales_zeros": sz.contiguous()}
-        return QMatrix((n, first.shape[1]), first.qtype, first.layout, tensors, pn)
+        return QMatrix((n, k), first.qtype, first.layout, tensors, pn)
 
     # ---- compute -----------------------------------------------------------------------------------------------
 
@@ -219,6 +290,17 @@ class QMatrix:
             return F.linear(x.to(w.dtype), w).to(x.dtype)
         # Each skipped reshape/cast saves a few µs: this runs ~18 times per MoE layer per token.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.shape[1])
+        if self.layout == "gguf":
+            if x2.shape[0] < self._dequant_from:  # 8-bit activations, integer block dots on the GGUF bytes
+                y = self._mm(
+                    x2 if x2.dtype == torch.float32 else x2.float(), self._raw, self._qid, *self.shape, self._isa
+                )
+            else:  # a large batch: a bf16 GEMM on the weight dequantized for this call is faster
+                w = dequantize(self._raw, self.qtype, self.shape).to(torch.bfloat16)
+                y = F.linear(x2.to(torch.bfloat16), w)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])
         y = self._mm(x2 if x2.dtype == torch.bfloat16 else x2.to(torch.bfloat16), self._packed, GROUP, self._sz)
         if self.padded_n != self.shape[0]:
             y = y[:, : self.shape[0]]
@@ -230,6 +312,8 @@ class QMatrix:
         """The effective weight float32 [out, in] (for int4: (q - 8) * scale + zero with the stored bf16 pairs)."""
         if self.layout == "dense":
             return self.tensors["weight"].float()
+        if self.layout == "gguf":
+            return dequantize(self._raw, self.qtype, self.shape)
         n, k = self.shape
         q = _unpack(self.tensors["packed"], self.layout, self.padded_n, k)[:n].float()
         sz = self.tensors["scales_zeros"][:, :n].float().repeat_interleave(GROUP, dim=0)  # [k, n, 2]
@@ -243,25 +327,31 @@ class QMatrix:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype: bf16 for packed 4-bit weights, the stored dtype for dense ones."""
-        return self.tensors["weight"].dtype if self.layout == "dense" else torch.bfloat16
+        """The compute dtype: bf16 for packed 4-bit weights, float32 for gguf, the stored dtype for dense ones."""
+        if self.layout == "dense":
+            return self.tensors["weight"].dtype
+        return torch.float32 if self.layout == "gguf" else torch.bfloat16
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
     def _with(self, tensors: dict[str, torch.Tensor], layout: str | None = None) -> QMatrix:
-        return QMatrix(self.shape, self.qtype, layout or self.layout, tensors, self.padded_n)
+        shared = any(t.data_ptr() == self.tensors[k].data_ptr() for k, t in tensors.items() if k in self.tensors)
+        return QMatrix(self.shape, self.qtype, layout or self.layout, tensors, self.padded_n, self.readonly and shared)
 
     def to(
         self, device: str | torch.device, non_blocking: bool = False, layout_for: str | torch.device | None = None
     ) -> QMatrix:
         """Move to `device`. A packed weight is repacked when its layout differs from `layout_for` (default: the
         target device's type); pass layout_for explicitly to move the bytes as they are (e.g. a CUDA-layout weight
-        staged in pinned RAM)."""
+        staged in pinned RAM). A gguf weight leaving the CPU is rebuilt from its bytes (int4 or dense bf16)."""
         device = torch.device(device)
         layout = torch.device(layout_for or device).type
-        if self.layout in ("dense", layout):
+        if self.layout == "gguf" and (device.type != "cpu" or layout != "cpu"):
+            dtype = torch.bfloat16 if "cuda" in (device.type, layout) else torch.float32
+            return QMatrix.from_gguf(self._raw, self.qtype, self.shape, device, dtype, layout_for=layout)
+        if self.layout in ("dense", "gguf", layout):
             return self._with({k: t.to(device, non_blocking=non_blocking) for k, t in self.tensors.items()})
         q = _unpack(self.tensors["packed"], self.layout, self.padded_n, self.shape[1])
         work = "cuda" if layout == "cuda" else "cpu"
@@ -277,12 +367,22 @@ class QMatrix:
         return self._with({k: torch.empty_like(t, device=device) for k, t in self.tensors.items()})
 
     def copy_(self, src: QMatrix, non_blocking: bool = False) -> QMatrix:
-        """Copy `src`'s bytes into this weight's storage (same shape and layout), in place."""
-        if src.layout != self.layout or src.shape != self.shape or src.tensors.keys() != self.tensors.keys():
+        """Copy `src`'s bytes into this weight's storage (same shape, layout and byte sizes), in place."""
+        if (
+            src.layout != self.layout
+            or src.shape != self.shape
+            or src.tensors.keys() != self.tensors.keys()
+            or any(t.shape != src.tensors[k].shape for k, t in self.tensors.items())
+        ):
             raise ValueError(f"cannot copy a {src.layout} {src.shape} weight into a {self.layout} {self.shape} one")
+        if self.readonly:
+            raise ValueError("cannot copy into a weight that is a view of a read-only memory-mapped file")
         for k, t in self.tensors.items():
             t.copy_(src.tensors[k], non_blocking=non_blocking)
         self.qtype = src.qtype
+        if self.layout == "gguf":
+            self._qid = int(self.qtype)
+            self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62)
         return self
 
     def __repr__(self) -> str:

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# Tiny models run fastest on one thread, and two threads collapse when another process takes a core.
+# Set before torch is imported; subprocesses (CLI, pty tests) inherit it. Tests of threading set it themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

@@ -100,7 +100,7 @@ def test_run_seeded_sampling_is_reproducible_and_streams(tiny, lite):
     assert a["tokens"] != c["tokens"]
     assert run_json(*args[2:], "--seed", "11", stdin="Once")["tokens"] == a["tokens"]  # prompt from stdin
     # the real entry point streams the same text (a fresh process: same seed, same output)
-    streamed = lite_subprocess("run", str(model), *args[2:], "--seed", "11", stdin="Once").stdout
+    streamed = lite_subprocess("run", str(model), *args[2:], "--seed", "11", "-t", "1", stdin="Once").stdout
     assert streamed == a["text"] + "\n"
 
 

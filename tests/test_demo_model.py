@@ -20,11 +20,21 @@ DEMO = Path(lite.__file__).parent / "data" / "demo.gguf"
 MESSAGES = [{"role": "user", "content": "What news from the court, my lord?"}]
 N_TOKENS = 48
 
-# --- recorded ---
-PROMPT_IDS: list[int] = []
-LITE_GREEDY: list[int] = []  # lite, demo.gguf (4-bit experts), CPU float32
-FLOAT_GREEDY: list[int] = []  # transformers, the float32 checkpoint
-AGREE = 0  # leading tokens on which the two agree
+# --- recorded (the decoded reply: " I's, and I's,\nAnd I have a man, and I's,\nAnd I have a man, ...") ---
+# fmt: off
+PROMPT_IDS = [0, 54, 3267, 27, 1062, 915, 450, 268, 1220, 13, 308, 429, 32, 200, 200, 516, 84, 665, 455, 27]
+# lite on demo.gguf (4-bit experts), CPU float32:
+LITE_GREEDY = [
+    296, 8, 84, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355,
+    260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296
+]
+# transformers on the float32 checkpoint (/tmp/demo_ckpt from benchmarks/train_demo.py):
+FLOAT_GREEDY = [
+    296, 8, 84, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355,
+    260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296
+]
+# fmt: on
+AGREE = 48  # leading tokens on which the two agree (all 48: 4-bit rounding never flips a greedy pick here)
 # --- end recorded ---
 
 
@@ -82,9 +92,9 @@ def record(ckpt_dir: str) -> None:
             theirs.append(nxt)
             seq.append(nxt)
     agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    print(f"PROMPT_IDS: list[int] = {prompt}")
-    print(f"LITE_GREEDY: list[int] = {ours}  # lite, demo.gguf (4-bit experts), CPU float32")
-    print(f"FLOAT_GREEDY: list[int] = {theirs}  # transformers, the float32 checkpoint")
+    print(f"PROMPT_IDS = {prompt}")
+    print(f"LITE_GREEDY = {ours}  # lite, demo.gguf (4-bit experts), CPU float32")
+    print(f"FLOAT_GREEDY = {theirs}  # transformers, the float32 checkpoint")
     print(f"AGREE = {agree}  # leading tokens on which the two agree")
     print(f"# lite:  {model.tokenizer.decode(ours)!r}\n# float: {model.tokenizer.decode(theirs)!r}")
 

@@ -186,3 +186,24 @@ def test_expert_cache_option_and_sizes():
     assert parse_size("500MB") == 500_000_000
     with pytest.raises(LiteError, match="6GiB"):
         parse_size("lots")
+
+
+def test_lite_plan_command(tmp_path, hf_lite, capsys):
+    import json
+
+    from cli.main import main
+    from lite.convert import convert
+
+    path = tmp_path / "tiny.gguf"
+    convert(hf_lite, path)
+    assert main(["plan", str(path), "--device", "cpu", "--gpu-mem", "64MiB", "--ram", "1GiB", "--ctx", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "latent cache (256 tokens)" in out and "experts on device" in out
+    assert main(["plan", str(path), "--device", "cpu", "--gpu-mem", "64MiB", "--ctx", "256", "--json",
+                 "--expert-cache", "2"]) == 0  # fmt: skip
+    plan = json.loads(capsys.readouterr().out)
+    # tiny "lite" config: 3 layers, kv_lora 64 + rope 16 values per token and layer, float32 on CPU
+    assert plan["latent_bytes"] == 3 * (64 + 16) * 4 * 256 and plan["slots_per_layer"] == 2
+    assert plan["experts_on"] == "ram" and plan["moe_layers"] == [1, 2]
+    assert main(["plan", str(path), "--device", "cpu", "--gpu-mem", "1MiB"]) == 2  # refused, one line
+    assert "--gpu-mem" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""QMatrix: packed 4-bit matmul against dequantize-then-matmul, dense types, and the memory API."""
+"""QMatrix: the native gguf layout, packed 4-bit matmul against dequantize-then-matmul, dense types, and the
+memory API. The int4pack tests ask for that kernel explicitly (the CPU default is the native gguf layout)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import pytest
 import torch
 from test_quant_formats import random_raw
 
+from quant import native
+from quant.errors import LiteError
 from quant.formats import dequantize, quantize
-from quant.qmatrix import INT4_TYPES, QMatrix
+from quant.qmatrix import DEQUANT_FROM_ROWS, INT4_TYPES, NATIVE_TYPES, QMatrix
 
 Q = gguf.GGMLQuantizationType
 U = 2.0**-8  # bf16 keeps 8 significant bits: one rounding to bf16 has relative error <= 2^-8 (unit roundoff)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.build_error()}")
 
 
 def scale_zero_magnitudes(raw: np.ndarray, qtype: Q, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +52,7 @@ def make_raw(qtype: Q, n: int, k: int, seed: int, quantized: bool) -> np.ndarray
 @pytest.mark.parametrize("qtype", INT4_TYPES, ids=lambda t: t.name)
 def test_int4_matmul_matches_dequantize_then_matmul(qtype: Q, n: int, k: int, quantized: bool) -> None:
     raw = make_raw(qtype, n, k, seed=n + k + int(qtype), quantized=quantized)
-    qm = QMatrix.from_gguf(raw, qtype, (n, k))
+    qm = QMatrix.from_gguf(raw, qtype, (n, k), kernel="int4pack")
     assert qm.layout == "cpu" and qm.dtype == torch.bfloat16
     w = dequantize(raw, qtype, (n, k)).double()  # [n, k], exact
     s, z = (torch.from_numpy(a).double() for a in scale_zero_magnitudes(raw, qtype, n, k))
@@ -78,20 +82,20 @@ def test_int4_matmul_matches_dequantize_then_matmul(qtype: Q, n: int, k: int, qu
 )  # fmt: skip
 def test_other_types_are_dequantized_once_and_exact_in_float32(qtype: Q) -> None:
     raw = random_raw(qtype, (32, 256), np.random.default_rng(int(qtype)))
-    qm = QMatrix.from_gguf(raw, qtype, (32, 256))
+    qm = QMatrix.from_gguf(raw, qtype, (32, 256), kernel="int4pack")  # no int4 packing for these: dense
     w = dequantize(raw, qtype, (32, 256))
     assert qm.layout == "dense" and qm.dtype == torch.float32 and qm.nbytes == 32 * 256 * 4
     assert torch.equal(qm.dequantize(), w)
     x = torch.randn(7, 256)
     torch.testing.assert_close(qm(x), x @ w.T, rtol=1e-6, atol=1e-6)
-    qb = QMatrix.from_gguf(raw, qtype, (32, 256), dtype=torch.bfloat16)
+    qb = QMatrix.from_gguf(raw, qtype, (32, 256), dtype=torch.bfloat16, kernel="dense")
     assert qb.dtype == torch.bfloat16 and qb(x).dtype == torch.float32 and qb.nbytes == 32 * 256 * 2
 
 
 def test_int4_stays_packed() -> None:
     n, k = 1408, 2048
     raw = make_raw(Q.Q4_K, n, k, seed=1, quantized=False)
-    qm = QMatrix.from_gguf(raw, Q.Q4_K, (n, k))
+    qm = QMatrix.from_gguf(raw, Q.Q4_K, (n, k), kernel="int4pack")
     # 4 bits per weight plus a bf16 (scale, zero) pair per 32 weights: 5 bits per weight
     assert qm.nbytes == n * k // 2 + (k // 32) * n * 2 * 2
     assert qm.nbytes * 8 / (n * k) == 5.0
@@ -105,7 +109,7 @@ def test_float_weights_and_cat() -> None:
     torch.testing.assert_close(dense(x), x @ torch.cat([a, b]).T)
     # fused gate+up: one packed matrix whose halves equal the separate products bit for bit
     ra, rb = make_raw(Q.Q4_K, 48, 256, 2, True), make_raw(Q.Q4_0, 40, 256, 3, True)
-    qa, qb = QMatrix.from_gguf(ra, Q.Q4_K, (48, 256)), QMatrix.from_gguf(rb, Q.Q4_0, (40, 256))
+    qa, qb = (QMatrix.from_gguf(r, t, (n, 256), kernel="int4pack") for r, t, n in ((ra, Q.Q4_K, 48), (rb, Q.Q4_0, 40)))
     fused = QMatrix.cat([qa, qb])
     x = torch.randn(4, 256)
     y = fused(x)
@@ -114,7 +118,7 @@ def test_float_weights_and_cat() -> None:
     assert torch.equal(fused.dequantize(), torch.cat([qa.dequantize(), qb.dequantize()]))
     # whole 64-row blocks join as packed bytes (no repacking); same results
     rc, rd = make_raw(Q.Q4_K, 128, 512, 4, True), make_raw(Q.Q4_K, 64, 512, 5, True)
-    qc, qd = QMatrix.from_gguf(rc, Q.Q4_K, (128, 512)), QMatrix.from_gguf(rd, Q.Q4_K, (64, 512))
+    qc, qd = (QMatrix.from_gguf(r, Q.Q4_K, (n, 512), kernel="int4pack") for r, n in ((rc, 128), (rd, 64)))
     fused = QMatrix.cat([qc, qd])
     x = torch.randn(2, 512).bfloat16()
     y = fused(x)
@@ -122,14 +126,15 @@ def test_float_weights_and_cat() -> None:
     assert torch.equal(fused.dequantize(), torch.cat([qc.dequantize(), qd.dequantize()]))
 
 
+@pytest.mark.parametrize("kernel", ["native", "int4pack"])
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda t: t.name)
-def test_cache_slot_api(qtype: Q) -> None:
+def test_cache_slot_api(qtype: Q, kernel: str) -> None:
     raw = (
         make_raw(Q.Q4_K, 64, 256, 4, True)
         if qtype == Q.Q4_K
         else random_raw(qtype, (64, 256), np.random.default_rng(4))
     )
-    src = QMatrix.from_gguf(raw, qtype, (64, 256))
+    src = QMatrix.from_gguf(raw, qtype, (64, 256), kernel=kernel)
     x = torch.randn(2, 256)
     slot = src.empty_like("cpu")
     assert slot.nbytes == src.nbytes and slot.layout == src.layout
@@ -137,7 +142,7 @@ def test_cache_slot_api(qtype: Q) -> None:
     assert torch.equal(slot(x), src(x))
     moved = src.to("cpu")
     assert torch.equal(moved(x), src(x))
-    other = QMatrix.from_gguf(make_raw(Q.Q4_K, 32, 256, 5, True), Q.Q4_K, (32, 256))
+    other = QMatrix.from_gguf(make_raw(Q.Q4_K, 32, 256, 5, True), Q.Q4_K, (32, 256), kernel=kernel)
     with pytest.raises(ValueError, match="cannot copy"):
         slot.copy_(other)
 
@@ -145,6 +150,86 @@ def test_cache_slot_api(qtype: Q) -> None:
 def test_rejects_non_matrices() -> None:
     with pytest.raises(ValueError, match="2-D"):
         QMatrix.from_gguf(np.zeros(18 * 4, dtype=np.uint8), Q.Q4_0, (2, 2, 32))
+
+
+# ---- the native gguf layout (CPU) ----------------------------------------------------------------------------
+
+
+def native_raw(qtype: Q, n: int, k: int, seed: int) -> np.ndarray:
+    return (
+        make_raw(qtype, n, k, seed, quantized=True)
+        if qtype in (Q.Q4_0, Q.Q4_K)
+        else random_raw(qtype, (n, k), np.random.default_rng(seed))
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", NATIVE_TYPES, ids=lambda t: t.name)
+def test_gguf_layout_is_zero_copy_and_runs_the_native_kernel(qtype: Q, tmp_path) -> None:
+    n, k = 48, 512
+    raw = native_raw(qtype, n, k, seed=int(qtype))
+    raw.tofile(tmp_path / "w.bin")
+    mapped = np.memmap(tmp_path / "w.bin", dtype=np.uint8, mode="r")  # as GGUFFile gives tensor bytes
+    qm = QMatrix.from_gguf(mapped, qtype, (n, k))
+    assert qm.layout == "gguf" and qm.readonly and qm.dtype == torch.float32
+    assert qm.tensors["raw"].data_ptr() == mapped.ctypes.data and qm.nbytes == raw.nbytes  # no copy, GGUF size
+    w = dequantize(raw, qtype, (n, k))
+    assert torch.equal(qm.dequantize(), w)
+    torch.manual_seed(int(qtype))
+    for x in (torch.randn(1, k), torch.randn(2, 3, k), torch.randn(5, k).bfloat16()):
+        y = qm(x)
+        assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], n)
+        expected = native.gguf_matmul(x.float(), raw, int(qtype), n, k).to(x.dtype)  # the same kernel, bit for bit
+        assert torch.equal(y, expected)
+        ref = x.double() @ w.double().T  # 8-bit activations: close to the float product, not a wrong mapping
+        assert (y.double() - ref).norm() <= 0.02 * ref.norm()
+    with pytest.raises(ValueError, match="read-only"):
+        qm.copy_(QMatrix.from_gguf(raw, qtype, (n, k)))
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+def test_gguf_large_batches_use_a_bf16_gemm(qtype: Q) -> None:
+    n, k = 40, 256
+    raw = native_raw(qtype, n, k, seed=7)
+    qm = QMatrix.from_gguf(raw, qtype, (n, k))
+    w = dequantize(raw, qtype, (n, k)).double()
+    x = torch.randn(DEQUANT_FROM_ROWS[qtype], k, generator=torch.Generator().manual_seed(3))
+    y, ref = qm(x).double(), x.double() @ w.T
+    # x and the dequantized w are each rounded to bf16 and y is rounded to bf16; float32 accumulation
+    bound = 1.01 * U * (2 * x.double().abs() @ w.abs().T + ref.abs())
+    assert torch.all((y - ref).abs() <= bound)
+    assert torch.equal(qm(x[:-1]), native.gguf_matmul(x[:-1], raw, int(qtype), n, k))  # one row fewer: native
+
+
+@needs_native
+def test_gguf_cat_joins_rows_and_other_layouts_are_kept() -> None:
+    ra, rb = native_raw(Q.Q8_0, 48, 256, 1), native_raw(Q.Q8_0, 40, 256, 2)
+    qa, qb = QMatrix.from_gguf(ra, Q.Q8_0, (48, 256)), QMatrix.from_gguf(rb, Q.Q8_0, (40, 256))
+    fused = QMatrix.cat([qa, qb])
+    assert fused.layout == "gguf" and fused.shape == (88, 256) and fused.nbytes == qa.nbytes + qb.nbytes
+    x = torch.randn(3, 256)
+    y = fused(x)
+    assert torch.equal(y[:, :48], qa(x)) and torch.equal(y[:, 48:], qb(x))
+    with pytest.raises(ValueError, match="one type"):  # lite.weights falls back to a Concat
+        QMatrix.cat([qa, QMatrix.from_gguf(native_raw(Q.Q4_0, 32, 256, 3), Q.Q4_0, (32, 256))])
+    # Q4_1 has no native kernel: packed for int4 as before; F32 stays dense (an f32 GGUF stays exact)
+    assert QMatrix.from_gguf(make_raw(Q.Q4_1, 32, 256, 4, True), Q.Q4_1, (32, 256)).layout == "cpu"
+    assert QMatrix.from_gguf(random_raw(Q.F32, (32, 256), np.random.default_rng(5)), Q.F32, (32, 256)).layout == "dense"
+
+
+@needs_native
+def test_cpu_kernel_choice(monkeypatch) -> None:
+    raw = native_raw(Q.Q4_K, 32, 256, 6)
+    layouts = {}
+    for kernel in ("native", "int4pack", "dense"):
+        monkeypatch.setenv("LITE_CPU_KERNEL", kernel)
+        layouts[kernel] = QMatrix.from_gguf(raw, Q.Q4_K, (32, 256)).layout
+    assert layouts == {"native": "gguf", "int4pack": "cpu", "dense": "dense"}
+    assert QMatrix.from_gguf(raw, Q.Q4_K, (32, 256), kernel="native").layout == "gguf"  # the argument wins
+    monkeypatch.setenv("LITE_CPU_KERNEL", "fast")
+    with pytest.raises(LiteError, match="LITE_CPU_KERNEL"):
+        QMatrix.from_gguf(raw, Q.Q4_K, (32, 256))
 
 
 # ---- CUDA (run on a GPU machine) -------------------------------------------------------------------------------
@@ -166,8 +251,10 @@ def test_cuda_int4_matmul(qtype: Q) -> None:
         bound = 1.01 * U * (x.double().abs() @ (2 * w.abs() + 8 * s + z).T + ref.abs())
         assert torch.all((y - ref).abs() <= bound)
     # the CPU-packed weight moved to CUDA is repacked and computes the same thing, and back again
-    cpu = QMatrix.from_gguf(raw, qtype, (n, k))
+    cpu = QMatrix.from_gguf(raw, qtype, (n, k), kernel="int4pack")
     assert torch.equal(cpu.to("cuda").dequantize().cpu(), cpu.dequantize())
+    if qtype in NATIVE_TYPES and native.available():  # a gguf (CPU) weight is repacked from its bytes on the way
+        assert torch.equal(QMatrix.from_gguf(raw, qtype, (n, k)).to("cuda").dequantize(), qm.dequantize())
     assert torch.equal(qm.to("cpu").dequantize(), cpu.dequantize())
     # fused matrices on CUDA: the byte-join path (64-row parts) and the repacking path (40 rows)
     big = QMatrix.from_gguf(make_raw(qtype, 64, k, seed=11, quantized=False), qtype, (64, k), device="cuda")

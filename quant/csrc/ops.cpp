@@ -162,8 +162,14 @@ at::Tensor moe_ffn(const at::Tensor& x, at::TensorList gate, at::TensorList up, 
     at::Tensor gu = at::empty({2, k, inter}, x.options());
     float* g = gu.data_ptr<float>();
     float* u = g + k * inter;
-    experts_parallel(pick(gate_qtype, isa), g_raw, std::vector<Acts>(k, qg.acts()), g, inter);
-    experts_parallel(pick(up_qtype, isa), u_raw, std::vector<Acts>(k, qu.acts()), u, inter);
+    if (gate_qtype == up_qtype) { // one parallel region (one barrier) for all 2k matrices: u follows g
+        std::vector<const uint8_t*> gu_raw = g_raw;
+        gu_raw.insert(gu_raw.end(), u_raw.begin(), u_raw.end());
+        experts_parallel(pick(gate_qtype, isa), gu_raw, std::vector<Acts>(2 * k, qg.acts()), g, inter);
+    } else {
+        experts_parallel(pick(gate_qtype, isa), g_raw, std::vector<Acts>(k, qg.acts()), g, inter);
+        experts_parallel(pick(up_qtype, isa), u_raw, std::vector<Acts>(k, qu.acts()), u, inter);
+    }
     for (int64_t i = 0; i < k * inter; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i]; // silu(gate) * up
     const QuantizedX qh = quantize(gu[0], dk);
     std::vector<Acts> h_acts;
