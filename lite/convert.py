@@ -167,6 +167,8 @@ def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, ftype: gguf.LlamaFi
 
 def _add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, notes: list[str]) -> bool:
     if not (hf_dir / "tokenizer.json").is_file():
+        # "none" (no tokens) lets llama.cpp load the file for token-id use, as its vocab-less models do
+        writer.add_tokenizer_model("none")
         notes.append("no tokenizer.json: the GGUF has no tokenizer (token ids only; `lite chat` needs one)")
         return False
     try:

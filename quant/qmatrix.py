@@ -41,9 +41,9 @@ INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 NATIVE_TYPES = tuple(Q[name] for name in native.SUPPORTED_QTYPES)
 CPU_KERNELS = ("native", "int4pack", "dense")
 # Rows of x from which a "gguf" weight is dequantized to bf16 per call (AMX/AVX512-BF16 GEMM) instead of running
-# the 8-bit kernel, whose cost grows linearly with rows. Measured (benchmarks/bench_decode.py --prefill) on the
-# 1408x2048 / 2048x1408 / 2048x2048 shapes of DeepSeek-V2-Lite: native wins at 64 rows for every type.
-DEQUANT_FROM_ROWS = {Q.Q8_0: 128, Q.Q4_0: 192, Q.Q5_0: 192, Q.Q4_K: 192, Q.Q6_K: 192}
+# the 8-bit kernel, whose cost grows linearly with rows: the crossovers measured by `bench_decode.py --kernels`
+# (1 thread) on DeepSeek-V2-Lite's 1408x2048 / 2048x1408 / 2048x2048 shapes; Q5_0 assumed like Q4_0.
+DEQUANT_FROM_ROWS = {Q.Q8_0: 96, Q.Q4_0: 128, Q.Q5_0: 128, Q.Q4_K: 224, Q.Q6_K: 112}
 GROUP = 32
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
 
@@ -98,6 +98,12 @@ def choose_layout(qtype: Q, k: int, layout_for: str, kernel: str | None = None) 
     if qtype in INT4_TYPES and k % GROUP == 0 and _has_int4_kernel(layout_for):
         return layout_for
     return "dense"
+
+
+@functools.cache
+def _prefill_dtype() -> torch.dtype:
+    """bf16 where the CPU multiplies it natively (AVX512-BF16 / AMX via oneDNN), else float32."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def _isa_level() -> int:
@@ -296,8 +302,8 @@ class QMatrix:
                     x2 if x2.dtype == torch.float32 else x2.float(), self._raw, self._qid, *self.shape, self._isa
                 )
             else:  # a large batch: a bf16 GEMM on the weight dequantized for this call is faster
-                w = dequantize(self._raw, self.qtype, self.shape).to(torch.bfloat16)
-                y = F.linear(x2.to(torch.bfloat16), w)
+                w = dequantize(self._raw, self.qtype, self.shape).to(_prefill_dtype())
+                y = F.linear(x2.to(w.dtype), w)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])

@@ -46,6 +46,7 @@ def test_f32_is_exact(hf_checkpoint, tmp_path):
     assert g.metadata["general.architecture"] == "deepseek2"
     assert g.metadata["general.file_type"] == gguf.LlamaFileType.ALL_F32
     assert ModelArgs.from_gguf(g.metadata) == args
+    assert g.metadata["tokenizer.ggml.model"] == "none" and "tokenizer.ggml.tokens" not in g.metadata  # no tokenizer
     h, nope, v, r = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
     expect = {"token_embd.weight": w["model.embed_tokens.weight"], "output.weight": w["lm_head.weight"]}
     for i in range(args.num_hidden_layers):

@@ -61,7 +61,8 @@ def test_logits_identical_across_cache_tier_prefetch_and_miss_policy(tiny_model,
     for slots, tier, prefetch, miss in combos:
         opts = dict(experts_on=tier, expert_cache=slots, prefetch=prefetch, miss_policy=miss)
         if tier == "disk":
-            opts["ram_memory"] = 4 * tiny_model.experts.expert_bytes  # a RAM LRU of 4 of the 16 experts
+            # a RAM LRU of 4 of the 16 experts, in the planner's bytes per expert (it sizes the LRU)
+            opts["ram_memory"] = 4 * tiny_model.experts.plan.expert_bytes
         pre, dec, st = run(tiny_model, gguf, **opts)
         # the same arithmetic on every path: bit-identical
         assert torch.equal(pre, base_pre), opts
@@ -174,7 +175,7 @@ def test_counters_cpu_policy_and_disk_reads(tiny_gguf):
     assert (t["hits"], t["misses"], t["cpu_experts"], t["bytes_h2d"]) == (0, 7, 7, 0)
     assert t["bytes_disk"] == 4 * raw  # experts 0..3 read once each; the RAM LRU holds them afterwards
     tight = engine_for(tiny_gguf, 2, {}, prefetch=False, miss_policy="cpu", experts_on="disk",
-                       ram_memory=2 * e.expert_bytes)  # fmt: skip
+                       ram_memory=2 * e.plan.expert_bytes)  # fmt: skip
     for rows in ([[0, 1]], [[2, 3]], [[0, 1]]):
         call(tight, 1, rows)
     assert tight.stats()["total"]["bytes_disk"] == 6 * raw  # an LRU of 2 experts: 0 and 1 are read twice
@@ -206,6 +207,27 @@ def test_fewer_slots_than_active_experts(tiny_gguf):
             ref[t] += e.store.read((1, j))(x[t : t + 1])[0]
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert e.stats()["total"]["misses"] == 8
+
+
+def test_one_token_runs_its_experts_in_one_native_call(tiny_gguf):
+    """On the CPU the default recipe's experts stay GGUF bytes, and a decode step's experts run in one fused native
+    call: the chained per-expert matmuls up to an exp() ulp that may flip one 8-bit code of the hidden state."""
+    from offload.experts import moe_one_token
+    from quant import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.build_error()}")
+    e = engine_for(tiny_gguf, 8, {}, prefetch=False, miss_policy="fetch")
+    assert e.fused and e.slots[0].native
+    x = torch.randn(1, e.slots[0].gate.shape[1], generator=torch.Generator().manual_seed(0))
+    experts, w = [e.store.read((1, j)) for j in (0, 3, 5)], [0.5, 0.3, 0.2]
+    fused = moe_one_token(experts, x, w)
+    chained = sum(wj * ex(x) for wj, ex in zip(w, experts))
+    torch.testing.assert_close(fused, chained, rtol=0, atol=1e-3 * chained.abs().max().item())
+    # the engine's decode path is that call, experts in ascending id order whatever the routing order
+    out = e(1, x, torch.tensor([[5, 0, 3]]), torch.tensor([[0.2, 0.5, 0.3]]))
+    assert torch.equal(out, fused)
+    assert e.stats()["total"]["misses"] == 3
 
 
 def test_trace_recorder_on_a_model(tiny_gguf, tmp_path):
