@@ -47,13 +47,13 @@ def _lookahead(prefetch: bool | int) -> int:
     raise LiteError(f"prefetch must be True, False or a lookahead in layers (got {prefetch!r})")
 
 
-def sizes_from_stacks(stacks: dict, dtype_bytes: int) -> Any:
+def sizes_from_stacks(stacks: dict, dtype_bytes: int, device: str = "cuda") -> Any:
     """Planner sizes when only the expert stacks are known (no dense weights, no latent cache)."""
     from offload.planner import ModelSizes, memory_bytes
 
     first = next(iter(stacks.values()))
     n_experts = first.gate.shape[0]
-    mem = sum(memory_bytes(r.qtype, tuple(r.shape), dtype_bytes) for r in (first.gate, first.up, first.down))
+    mem = sum(memory_bytes(r.qtype, tuple(r.shape), dtype_bytes, device) for r in (first.gate, first.up, first.down))
     return ModelSizes(
         n_layers=max(stacks) + 1,
         moe_layers=sorted(stacks),
@@ -109,8 +109,8 @@ def build_experts(
     if model_sizes is None and gguf_file is not None:
         from offload.planner import model_sizes as sizes_of
 
-        model_sizes = sizes_of(gguf_file.metadata, gguf_file.tensors, dtype_bytes)
-    sizes = model_sizes or sizes_from_stacks(stacks, dtype_bytes)
+        model_sizes = sizes_of(gguf_file.metadata, gguf_file.tensors, dtype_bytes, device.type)
+    sizes = model_sizes or sizes_from_stacks(stacks, dtype_bytes, device.type)
     if cuda and miss_policy != "fetch":  # each expert twice in RAM: GPU layout for copies, CPU layout to compute
         from offload.planner import default_budgets, parse_size
 

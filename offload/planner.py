@@ -52,18 +52,13 @@ def format_bytes(n: int | float) -> str:
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
-def memory_bytes(qtype: Any, shape: tuple[int, ...], dtype_bytes: int = 2) -> int:
-    """Bytes a tensor takes once loaded (quant/qmatrix.py): 4-bit matrices stay packed as torch int4pack (4 bits
-    per weight plus a bf16 scale and zero per 32 weights, rows padded to 16); every other type is dequantized to
-    the compute dtype. A 3-D expert stack counts as n_expert such matrices."""
-    name = getattr(qtype, "name", str(qtype))
-    if name in INT4_TYPES and len(shape) >= 2 and shape[-1] % 32 == 0:
-        *lead, n, k = shape
-        pn = -(-n // 16) * 16
-        count = 1
-        for d in lead:
-            count *= d
-        return count * (pn * k // 2 + (k // 32) * pn * 4)
+def memory_bytes(qtype: Any, shape: tuple[int, ...], dtype_bytes: int = 2, device: str = "cuda") -> int:
+    """Bytes a tensor takes once loaded for `device` (see `quant.qmatrix.loaded_nbytes`); 1-D tensors (norms)
+    and anything QMatrix does not hold are dense values of `dtype_bytes`."""
+    if len(shape) >= 2:
+        from quant.qmatrix import loaded_nbytes
+
+        return loaded_nbytes(qtype, shape, "cuda" if device.startswith("cuda") else "cpu", dtype_bytes)
     numel = 1
     for d in shape:
         numel *= d
@@ -92,7 +87,9 @@ class ModelSizes:
         return self.n_layers * self.latent_per_token_layer * dtype_bytes * ctx
 
 
-def model_sizes(metadata: dict[str, Any], tensors: dict[str, Any], dtype_bytes: int = 2) -> ModelSizes:
+def model_sizes(
+    metadata: dict[str, Any], tensors: dict[str, Any], dtype_bytes: int = 2, device: str = "cuda"
+) -> ModelSizes:
     """Sizes from llama.cpp-style `deepseek2.*` metadata and {tensor name: TensorRef-like} (`.qtype`, `.shape`
     in torch order, `.nbytes`); dense tensors are counted at `dtype_bytes` per value, as the loader makes them."""
     arch = metadata.get("general.architecture", "deepseek2")
@@ -110,10 +107,10 @@ def model_sizes(metadata: dict[str, Any], tensors: dict[str, Any], dtype_bytes: 
         m = EXPERT_TENSOR.match(name)
         if m:
             acc = per_expert.setdefault(int(m.group(1)), [0, 0])
-            acc[0] += memory_bytes(t.qtype, tuple(t.shape), dtype_bytes)
+            acc[0] += memory_bytes(t.qtype, tuple(t.shape), dtype_bytes, device)
             acc[1] += int(t.nbytes)
         else:
-            dense += memory_bytes(t.qtype, tuple(t.shape), dtype_bytes)
+            dense += memory_bytes(t.qtype, tuple(t.shape), dtype_bytes, device)
     moe_layers = sorted(per_expert)
     mem = max((v[0] for v in per_expert.values()), default=0) // max(n_experts, 1)
     file = max((v[1] for v in per_expert.values()), default=0) // max(n_experts, 1)
@@ -321,6 +318,6 @@ def plan_file(path: str, device: str = "cpu", **options: Any) -> tuple[Plan, Mod
     except FileNotFoundError:
         raise LiteError(f"no such model file: {path}") from None
     cuda = device.startswith("cuda")
-    sizes = model_sizes(f.metadata, f.tensors, 2 if cuda else 4)  # lite's defaults: bf16 on CUDA, float32 on CPU
+    sizes = model_sizes(f.metadata, f.tensors, 2 if cuda else 4, device)  # lite's defaults: bf16 on CUDA, float32 on CPU
     options.setdefault("cache_dtype_bytes", 2 if cuda else 4)
     return make_plan(sizes, device=device, **options), sizes

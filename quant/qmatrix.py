@@ -100,6 +100,25 @@ def choose_layout(qtype: Q, k: int, layout_for: str, kernel: str | None = None) 
     return "dense"
 
 
+def loaded_nbytes(qtype: Q, shape: Sequence[int], layout_for: str, dtype_bytes: int) -> int:
+    """Bytes a weight of `shape` (.., out, in) takes once loaded by `from_gguf` for device type `layout_for`:
+    the GGUF bytes themselves ("gguf"), torch int4pack (4 bits + a bf16 scale/zero pair per 32, rows padded
+    to 16), or dense values of `dtype_bytes`. The planner counts memory with this."""
+    *lead, n, k = (int(d) for d in shape)
+    count = 1
+    for d in lead:
+        count *= d
+    layout = choose_layout(Q(qtype), k, layout_for)
+    if layout_for == "cuda" and not torch.cuda.is_available() and Q(qtype) in INT4_TYPES and k % GROUP == 0:
+        layout = "cuda"  # planning for a GPU from a machine without one: assume an Ampere-or-newer card
+    if layout == "gguf":
+        return count * nbytes((n, k), Q(qtype))
+    if layout in ("cpu", "cuda"):
+        pn = -(-n // _N_ALIGN) * _N_ALIGN
+        return count * (pn * k // 2 + (k // GROUP) * pn * 4)
+    return count * n * k * dtype_bytes
+
+
 @functools.cache
 def _prefill_dtype() -> torch.dtype:
     """bf16 where the CPU multiplies it natively (AVX512-BF16 / AMX via oneDNN), else float32."""

@@ -20,21 +20,23 @@ DEMO = Path(lite.__file__).parent / "data" / "demo.gguf"
 MESSAGES = [{"role": "user", "content": "What news from the court, my lord?"}]
 N_TOKENS = 48
 
-# --- recorded (the decoded reply: " I's, and I's,\nAnd I have a man, and I's,\nAnd I have a man, ...") ---
+# --- recorded (the decoded reply: " I'll be a man,\nAnd yet I have been a man, and I'll be\nAs I'll be a man, ...") ---
 # fmt: off
 PROMPT_IDS = [0, 54, 3267, 27, 1062, 915, 450, 268, 1220, 13, 308, 429, 32, 200, 200, 516, 84, 665, 455, 27]
 # lite on demo.gguf (4-bit experts), CPU float32:
 LITE_GREEDY = [
-    296, 8, 84, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355,
-    260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296
+    296, 8, 274, 306, 260, 438, 13, 200, 326, 590, 296, 355, 736, 260, 438, 13, 297, 296, 8, 274, 306, 200, 516, 296,
+    8, 274, 306, 260, 438, 13, 297, 296, 8, 274, 306, 200, 516, 296, 8, 274, 542, 260, 438, 13, 297, 296, 8, 274
 ]
-# transformers on the float32 checkpoint (/tmp/demo_ckpt from benchmarks/train_demo.py):
+# transformers on the float32 checkpoint (benchmarks/train_demo.py, default --steps 400):
 FLOAT_GREEDY = [
-    296, 8, 84, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355,
-    260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296, 355, 260, 438, 13, 297, 296, 8, 84, 13, 200, 326, 296
+    296, 8, 274, 321, 13, 296, 8, 274, 306, 260, 438, 13, 200, 326, 590, 296, 355, 736, 260, 438, 13, 297, 296, 8,
+    274, 306, 200, 516, 296, 355, 736, 260, 438, 13, 297, 296, 8, 274, 306, 200, 516, 296, 8, 274, 542, 260, 438, 13
 ]
 # fmt: on
-AGREE = 48  # leading tokens on which the two agree (all 48: 4-bit rounding never flips a greedy pick here)
+# Leading tokens on which the two agree: at the 4th token the float model prefers " not" (" I'll not, I'll be a
+# man") by a margin smaller than 4-bit rounding; after it the 4-bit reply is the float reply without those words.
+AGREE = 3
 # --- end recorded ---
 
 
@@ -66,7 +68,7 @@ def test_greedy_generation_reproduces_recording(demo):
 
 
 def test_recording_agrees_with_float_checkpoint(demo):
-    assert AGREE >= 8 and LITE_GREEDY[:AGREE] == FLOAT_GREEDY[:AGREE]
+    assert AGREE >= 3 and LITE_GREEDY[:AGREE] == FLOAT_GREEDY[:AGREE]
     # Teacher-forced along the float model's own path, the 4-bit model picks the same token almost everywhere.
     logits = demo.logits(PROMPT_IDS + FLOAT_GREEDY[:-1])  # [T, vocab]
     picks = logits[len(PROMPT_IDS) - 1 :].argmax(-1).tolist()

@@ -207,3 +207,13 @@ def test_lite_plan_command(tmp_path, hf_lite, capsys):
     assert plan["experts_on"] == "ram" and plan["moe_layers"] == [1, 2]
     assert main(["plan", str(path), "--device", "cpu", "--gpu-mem", "1MiB"]) == 2  # refused, one line
     assert "--gpu-mem" in capsys.readouterr().err
+
+
+def test_cpu_plan_counts_gguf_bytes_where_native_kernels_run():
+    """On CPU the native kernels multiply the GGUF blocks as they are: a loaded expert costs its file bytes."""
+    from quant import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.build_error()}")
+    s = model_sizes(*synthetic(**LITE), dtype_bytes=4, device="cpu")
+    assert s.expert_bytes == s.expert_file_bytes == 4_866_048
