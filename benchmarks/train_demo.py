@@ -1,11 +1,11 @@
 """Train the bundled demo model: a small DeepSeek-V2 chat model on tinyshakespeare.
 
-    nice python benchmarks/train_demo.py --out /tmp/demo_ckpt          # planned at ~25 min on 2 idle cores
+    nice python benchmarks/train_demo.py --out /tmp/demo_ckpt          # ~20 min on these 2 cores
     lite convert /tmp/demo_ckpt -o lite/data/demo.gguf                  # default recipe: 4-bit experts
     python benchmarks/train_demo.py --out /tmp/demo_ckpt --hf-perplexity    # float32 perplexity on val.txt
     python benchmarks/train_demo.py --chat-trace trace.jsonl                # routing trace of a chat with the GGUF
 
-The bundled lite/data/demo.gguf was trained with `--steps 120` (see benchmarks/README.md, "Demo model").
+The bundled lite/data/demo.gguf was trained with the defaults (400 steps; see benchmarks/README.md, "Demo model").
 
 The corpus's consecutive speaker turns become "User:" / "Assistant:" exchanges in DeepSeek-V2's chat
 template, so the model learns to answer a line with a line. The tokenizer is a byte-level BPE trained with

@@ -318,6 +318,7 @@ def plan_file(path: str, device: str = "cpu", **options: Any) -> tuple[Plan, Mod
     except FileNotFoundError:
         raise LiteError(f"no such model file: {path}") from None
     cuda = device.startswith("cuda")
-    sizes = model_sizes(f.metadata, f.tensors, 2 if cuda else 4, device)  # lite's defaults: bf16 on CUDA, float32 on CPU
+    # lite's defaults: bf16 on CUDA, float32 on CPU
+    sizes = model_sizes(f.metadata, f.tensors, 2 if cuda else 4, device)
     options.setdefault("cache_dtype_bytes", 2 if cuda else 4)
     return make_plan(sizes, device=device, **options), sizes
