@@ -69,7 +69,7 @@ def simulate_lru(seq: list[Access], size: int, scope: str = "layer") -> dict:
     for layer, experts in seq:
         h, m, _ = lru_access(lru, layer, experts)
         hits, misses = hits + h, misses + m
-    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
+    return _rates([(hits, misses)])
 
 
 def _per_layer(seq: list[Access]) -> dict[int, list[list[int]]]:
@@ -79,50 +79,65 @@ def _per_layer(seq: list[Access]) -> dict[int, list[list[int]]]:
     return out
 
 
+def _replay(sets: list[list[int]], size: int, victim, after=None) -> tuple[int, int]:
+    """One layer's calls through a cache of `size`; `victim(t, candidates)` picks what to evict. The current
+    call's experts are evicted only when the cache is smaller than the call (then ones already computed go)."""
+    hits = misses = 0
+    cache: set[int] = set()
+    for t, experts in enumerate(sets):
+        missing = [e for e in experts if e not in cache]
+        hits += len(experts) - len(missing)
+        misses += len(missing)
+        for i, e in enumerate(missing):
+            if len(cache) >= size:
+                candidates = [c for c in cache if c not in experts] or [c for c in cache if c not in missing[i:]]
+                cache.discard(victim(t, candidates))
+            cache.add(e)
+        if after is not None:
+            after(t, experts)
+    return hits, misses
+
+
+def _rates(counts: list[tuple[int, int]]) -> dict:
+    hits, misses = sum(h for h, _ in counts), sum(m for _, m in counts)
+    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
+
+
+def _lfu_policy():
+    """(victim, after) for LFU: least frequently used so far, ties to the least recently used."""
+    freq: dict[int, int] = defaultdict(int)
+    last: dict[int, int] = {}
+
+    def victim(t: int, cands: list[int]) -> int:
+        return min(cands, key=lambda c: (freq[c], last.get(c, t), c))
+
+    def after(t: int, experts: list[int]) -> None:
+        for e in experts:
+            freq[e] += 1
+            last[e] = t
+
+    return victim, after
+
+
+def _belady_victim(sets: list[list[int]]):
+    """Evict the expert needed farthest in the future (never again first)."""
+    nxt: dict[int, int] = {}
+    next_use: list[dict[int, int]] = [{} for _ in sets]  # next_use[t][e]: first call after t that needs e
+    for t in range(len(sets) - 1, -1, -1):
+        next_use[t] = dict(nxt)
+        for e in sets[t]:
+            nxt[e] = t
+    return lambda t, cands: max(cands, key=lambda c: (next_use[t].get(c, len(sets)), c))
+
+
 def simulate_lfu(seq: list[Access], size: int) -> dict:
     """Least frequently used so far; ties go to the least recently used."""
-    hits = misses = 0
-    for sets in _per_layer(seq).values():
-        freq: dict[int, int] = defaultdict(int)
-        last: dict[int, int] = {}
-        cache: set[int] = set()
-        for t, experts in enumerate(sets):
-            missing = [e for e in experts if e not in cache]
-            hits += len(experts) - len(missing)
-            misses += len(missing)
-            for i, e in enumerate(missing):
-                if len(cache) >= size:
-                    victims = [c for c in cache if c not in experts] or [c for c in cache if c not in missing[i:]]
-                    cache.discard(min(victims, key=lambda c: (freq[c], last.get(c, t), c)))
-                cache.add(e)
-            for e in experts:
-                freq[e] += 1
-                last[e] = t
-    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
+    return _rates([_replay(sets, size, *_lfu_policy()) for sets in _per_layer(seq).values()])
 
 
 def simulate_belady(seq: list[Access], size: int) -> dict:
     """Clairvoyant: evict the expert needed farthest in the future (never again first)."""
-    hits = misses = 0
-    for sets in _per_layer(seq).values():
-        # next_use[t][e]: index of the first call after t that needs e
-        nxt: dict[int, int] = {}
-        next_use: list[dict[int, int]] = [{} for _ in sets]
-        for t in range(len(sets) - 1, -1, -1):
-            next_use[t] = dict(nxt)
-            for e in sets[t]:
-                nxt[e] = t
-        cache: set[int] = set()
-        for t, experts in enumerate(sets):
-            missing = [e for e in experts if e not in cache]
-            hits += len(experts) - len(missing)
-            misses += len(missing)
-            for i, e in enumerate(missing):
-                if len(cache) >= size:
-                    victims = [c for c in cache if c not in experts] or [c for c in cache if c not in missing[i:]]
-                    cache.discard(max(victims, key=lambda c: (next_use[t].get(c, len(sets)), c)))
-                cache.add(e)
-    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
+    return _rates([_replay(sets, size, _belady_victim(sets)) for sets in _per_layer(seq).values()])
 
 
 def simulate_prefetch(calls: list[dict], size: int, scope: str = "layer") -> dict:
