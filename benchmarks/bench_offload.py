@@ -3,7 +3,8 @@
     python benchmarks/bench_offload.py [MODEL.gguf] [--tokens N]        # CPU: disk-tier and overhead ratios
     python benchmarks/bench_offload.py --cuda [--layers L]               # CUDA: expert copy and MoE decode step
 
-CPU mode (default model: lite/data/demo.gguf), decode tokens/s after a 16-token prompt, median of 3:
+CPU mode (default model: lite/data/demo.gguf), decode tokens/s after a 16-token prompt, the compared backends
+alternated --rounds times on one loaded model (medians, and the median of the per-round ratios):
 - overhead: every expert resident in the engine (experts_on="device") vs `ResidentExperts` (no machinery);
 - disk tier: experts_on="disk" with a RAM budget of 25% of the expert bytes vs experts_on="ram", both with
   a device cache of 2x the active experts per layer.
@@ -47,33 +48,45 @@ def decode_tps(model, tokens: int, reps: int = 3) -> float:
     return statistics.median(rates)
 
 
-def cpu_mode(path: str, tokens: int) -> dict:
+def alternate(model, backends: dict, tokens: int, rounds: int) -> dict[str, list[float]]:
+    """Decode tokens/s of each backend on the same model, alternated `rounds` times so that drifting machine load
+    hits them all alike."""
+    rates: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(rounds):
+        for name, backend in backends.items():
+            model.transformer.experts = model.experts = backend
+            rates[name].append(decode_tps(model, tokens, reps=1))
+    return rates
+
+
+def cpu_mode(path: str, tokens: int, rounds: int = 7) -> dict:
     import lite
+    from offload import build_experts
     from offload.resident import ResidentExperts
 
-    out: dict = {"model": path, "threads": torch.get_num_threads(), "clock": CLOCK.__name__}
+    out: dict = {"model": path, "threads": torch.get_num_threads(), "clock": CLOCK.__name__, "rounds": rounds}
     m = lite.load(path, device="cpu", experts_on="device")
     k = m.config.num_experts_per_tok
     engine = m.experts
     resident = ResidentExperts(engine.stacks, m.device, m.dtype)
-    rates: dict[str, list[float]] = {"engine": [], "resident": []}
-    for _ in range(3):  # alternate the two backends on the same model, so drifting machine load hits both
-        for name, backend in (("engine", engine), ("resident", resident)):
-            m.transformer.experts = m.experts = backend
-            rates[name].append(decode_tps(m, tokens, reps=1))
+    rates = alternate(m, {"engine": engine, "resident": resident}, tokens, rounds)
     out["engine_all_resident_tps"] = statistics.median(rates["engine"])
     out["resident_experts_tps"] = statistics.median(rates["resident"])
-    out["overhead_ratio"] = out["engine_all_resident_tps"] / out["resident_experts_tps"]
-    del m, engine, resident
-    ram = lite.load(path, device="cpu", experts_on="ram", expert_cache=2 * k)
-    total = ram.experts.plan.expert_total
-    out["ram_tier_tps"] = decode_tps(ram, tokens)
-    out["ram_tier_stats"] = ram.stats()["total"]
-    del ram
-    disk = lite.load(path, device="cpu", experts_on="disk", expert_cache=2 * k, ram_memory=total // 4)
-    out["disk_tier_tps"] = decode_tps(disk, tokens)
-    out["disk_tier_stats"] = disk.stats()["total"]
-    out["disk_ratio"] = out["disk_tier_tps"] / out["ram_tier_tps"]
+    out["overhead_ratio"] = statistics.median(e / r for e, r in zip(rates["engine"], rates["resident"]))
+    out["overhead_ratio_range"] = (min(rates["engine"]) / max(rates["resident"]),
+                                   max(rates["engine"]) / min(rates["resident"]))  # fmt: skip
+    total = engine.plan.expert_total
+    opts = {"gguf_file": None, "expert_cache": 2 * k, "miss_policy": "auto"}
+    ram = build_experts(engine.stacks, engine.predict, "cpu", m.dtype, experts_on="ram", **opts)
+    disk = build_experts(engine.stacks, engine.predict, "cpu", m.dtype, experts_on="disk", ram_memory=total // 4,
+                         **opts)  # fmt: skip
+    rates = alternate(m, {"ram": ram, "disk": disk}, tokens, rounds)
+    out["ram_tier_tps"] = statistics.median(rates["ram"])
+    out["disk_tier_tps"] = statistics.median(rates["disk"])
+    out["disk_ratio"] = statistics.median(d / r for d, r in zip(rates["disk"], rates["ram"]))
+    out["ram_tier_stats"], out["disk_tier_stats"] = ram.stats()["total"], disk.stats()["total"]
+    for backend in (ram, disk):
+        backend.close()
     return out
 
 
@@ -212,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda", action="store_true", help="time copies and MoE layers on the GPU")
     ap.add_argument("--layers", type=int, default=4, help="MoE layers of the synthetic CUDA model (311 MB each)")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per CPU measurement")
+    ap.add_argument("--rounds", type=int, default=7, help="CPU: alternations of the compared backends")
     ap.add_argument("--cpu-time", action="store_true", help="rate per process CPU second instead of wall second")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     args = ap.parse_args(argv)
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.model).is_file():
             print(f"no model at {args.model}; pass a GGUF path", file=sys.stderr)
             return 2
-        res = cpu_mode(args.model, args.tokens)
+        res = cpu_mode(args.model, args.tokens, args.rounds)
     print(json.dumps(res, indent=1, default=str))
     return 0
 

@@ -8,8 +8,9 @@ same set. Policies, at a cache of C experts per layer:
 - LRU: the engine's own `SlotLRU` (so these numbers are what the engine would see without prefetch);
 - LFU: evict the expert used least often so far (ties: least recently used);
 - Belady: evict the expert whose next use is farthest in the future (clairvoyant optimum);
-- prefetch: the engine's LRU + `prefetch_plan` fed with the trace's one-layer-ahead predictions, assuming
-  every prefetch lands in time; also its precision and recall (definitions in offload/stats.py).
+- prefetch: the engine's LRU + `prefetch_plan` fed with the trace's one-layer-ahead predictions (each
+  token's C likeliest experts, as the engine takes), assuming every prefetch lands in time; also its
+  precision and recall (definitions in offload/stats.py).
 """
 
 from __future__ import annotations
@@ -145,23 +146,27 @@ def simulate_prefetch(calls: list[dict], size: int, scope: str = "layer") -> dic
     layers = sorted({c["layer"] for c in calls})
     lru = SlotLRU(layers, size, scope)
     hits = misses = issued = used = 0
+    decode = [0, 0]  # hits, misses of one-token calls (decode steps; prompt passes need most experts)
     prefetched: set = set()
     for c in calls:
         layer = c["layer"]
         experts = sorted({e for row in c["selected"] for e in row})
         if c.get("predicted") is not None:
             protected = {k for k in lru.keys() if k[0] == layer - 1} if scope == "global" else set()
-            flat = [e for row in c["predicted"] for e in row]
+            flat = [e for row in c["predicted"] for e in row[:size]]
             for key, _slot, evicted in prefetch_plan(lru, layer, flat, protected):
                 prefetched.discard(evicted)
                 prefetched.add(key)
                 issued += 1
         h, m, u = lru_access(lru, layer, experts, prefetched)
         hits, misses, used = hits + h, misses + m, used + u
+        if len(c["selected"]) == 1:
+            decode[0], decode[1] = decode[0] + h, decode[1] + m
     return {
         "hits": hits,
         "misses": misses,
         "hit_rate": hits / max(hits + misses, 1),
+        "decode_hit_rate": decode[0] / sum(decode) if sum(decode) else None,
         "prefetches_issued": issued,
         "prefetches_used": used,
         "precision": used / issued if issued else None,
@@ -170,13 +175,13 @@ def simulate_prefetch(calls: list[dict], size: int, scope: str = "layer") -> dic
 
 
 def prediction_accuracy(calls: list[dict]) -> float | None:
-    """Share of selected (token, expert) pairs that the one-layer-ahead router prediction also named."""
+    """Share of selected (token, expert) pairs that the one-layer-ahead router prediction's top k also named."""
     right = total = 0
     for c in calls:
         if c.get("predicted") is None:
             continue
         for sel, pred in zip(c["selected"], c["predicted"]):
-            right += len(set(sel) & set(pred))
+            right += len(set(sel) & set(pred[: len(sel)]))
             total += len(sel)
     return right / total if total else None
 
@@ -214,15 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{rep['calls']} layer calls, top-{k}; one-layer-ahead prediction accuracy "
         f"{'n/a' if acc is None else f'{acc:.3f}'}; scope {args.scope}"
     )
-    print(
-        f"{'slots/layer':>11} {'LRU':>6} {'LFU':>6} {'Belady':>6} {'LRU+prefetch':>12} {'precision':>9} {'recall':>6}"
-    )
+    head = f"{'slots/layer':>11} {'LRU':>6} {'LFU':>6} {'Belady':>6} {'LRU+prefetch':>12} {'(decode)':>8}"
+    print(f"{head} {'precision':>9} {'recall':>6}")
+
+    def fmt(v: float | None, width: int) -> str:
+        return f"{'n/a' if v is None else f'{v:.3f}':>{width}}"
+
     for size, r in rep["sizes"].items():
         p = r["prefetch"]
-        prec = "n/a" if p["precision"] is None else f"{p['precision']:.3f}"
-        rec = "n/a" if p["recall"] is None else f"{p['recall']:.3f}"
         rates = f"{r['lru']:>6.3f} {r['lfu']:>6.3f} {r['belady']:>6.3f} {p['hit_rate']:>12.3f}"
-        print(f"{size:>11} {rates} {prec:>9} {rec:>6}")
+        print(f"{size:>11} {rates} {fmt(p['decode_hit_rate'], 8)} {fmt(p['precision'], 9)} {fmt(p['recall'], 6)}")
     return 0
 
 

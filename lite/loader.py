@@ -10,7 +10,7 @@ import torch
 from lite.config import ModelArgs
 from lite.errors import LiteError
 from lite.generate import Session, generate
-from lite.model import Transformer, rms_norm, route
+from lite.model import Transformer, gate_scores, rms_norm
 from lite.weights import load_weights
 
 DEFAULT_CTX = 4096  # a session's default capacity (the model may allow far more: max_position_embeddings)
@@ -51,12 +51,14 @@ class Model:
         self.tokenizer = tokenizer
         weights, stacks = load_weights(args, tensors, self.device, self.dtype)
 
-        def predict(layer: int, h: torch.Tensor) -> torch.Tensor:
-            """That layer's ffn_norm + router applied to the residual h [T, hidden] -> expert ids [T, k]."""
+        def predict(layer: int, h: torch.Tensor, width: int) -> torch.Tensor:
+            """That layer's ffn_norm + gate applied to an earlier residual h [T, hidden] -> the `width` likeliest
+            expert ids per token [T, width], likeliest first."""
             w = weights.layers[layer]
             if w.router is None:  # a dense layer routes nothing
                 return torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
-            return route(args, w.router, rms_norm(h, w.ffn_norm, args.rms_norm_eps))[0]
+            scores = gate_scores(args, w.router, rms_norm(h, w.ffn_norm, args.rms_norm_eps))  # [T, E]
+            return scores.topk(min(width, scores.shape[-1]), dim=-1).indices
 
         self.experts = offload.build_experts(stacks, predict, self.device, self.dtype, **options)
         self.transformer = Transformer(args, weights, self.experts, self.device, self.dtype)

@@ -71,8 +71,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * weight
 
 
-def route(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing of x [T, hidden]: ids [T, k] int64 and weights [T, k] float32 (normalised, scaled)."""
+def gate_scores(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The softmax gate of x [T, hidden] -> [T, E] float32, zero outside the groups group-limited routing keeps."""
     scores = torch.softmax(x.float() @ router.T, dim=-1)  # [T, E], an fp32 gate
     if args.topk_method == "group_limited_greedy" and args.n_group > 1:
         # keep the topk_group groups with the best single expert, then pick top-k inside them
@@ -80,7 +80,12 @@ def route(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> tuple[torch
         best = groups.amax(dim=-1).topk(args.topk_group, dim=-1).indices  # [T, topk_group]
         keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)  # [T, G]
         scores = groups.masked_fill(~keep[..., None], 0.0).flatten(1)
-    weights, ids = scores.topk(args.num_experts_per_tok, dim=-1)  # [T, k]
+    return scores
+
+
+def route(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing of x [T, hidden]: ids [T, k] int64 and weights [T, k] float32 (normalised, scaled)."""
+    weights, ids = gate_scores(args, router, x).topk(args.num_experts_per_tok, dim=-1)  # [T, k]
     if args.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return ids, weights * args.routed_scaling_factor
@@ -163,9 +168,9 @@ class Transformer:
         h = self.weights.embed(tokens).to(self.dtype)  # [T, hidden] on the device (ids may stay on the CPU)
         for i, w in enumerate(self.weights.layers):
             h = h + self.attention(i, rms_norm(h, w.attn.norm, eps), cache, start)
-            if on_residual is not None:
-                on_residual(i, h)
             h = h + self.ffn(i, rms_norm(h, w.ffn_norm, eps))
+            if on_residual is not None:  # the input of layer i+1: lets the backend prefetch its experts
+                on_residual(i, h)
         if not all_logits:
             h = h[-1:]
         return self.weights.output(rms_norm(h, self.weights.norm, eps)).float()

@@ -7,8 +7,9 @@ Options (the same names as the CLI flags):
 - `experts_on`: "auto" (the planner decides), "device" (every expert resident in the device tier), "ram"
   (all experts in RAM, a device LRU cache of slots), "disk" (the GGUF read on demand behind a RAM LRU).
 - `expert_cache`: device slots per MoE layer (an int up to n_experts) or a byte budget for them.
-- `prefetch`: True (lookahead 1 layer), False, or a lookahead in layers: the router of the next layer(s),
-  applied to the current residual stream, predicts experts whose copies start before they are needed.
+- `prefetch`: True (lookahead 1 layer), False, or a lookahead in layers: as each layer finishes, the gate of
+  the next layer(s) applied to its output ranks their experts, and the likeliest (as many as a layer has
+  slots) start copying in before they are needed.
 - `miss_policy`: "fetch" (copy the missing expert in, wait, compute on the device), "cpu" (compute it on the
   CPU from the host copy), or "auto" (per miss, whichever the measured copy and CPU times say is faster).
 - `ctx`: context to plan the latent cache for (default 4096); `gguf_file` (passed by `lite.load`): lets the
@@ -69,7 +70,7 @@ def sizes_from_stacks(stacks: dict, dtype_bytes: int, device: str = "cuda") -> A
 
 def build_experts(
     stacks: dict,
-    predict: Callable[[int, torch.Tensor], torch.Tensor] | None,
+    predict: Callable[[int, torch.Tensor, int], torch.Tensor] | None,
     device: torch.device | str,
     dtype: torch.dtype,
     *,

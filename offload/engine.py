@@ -106,14 +106,18 @@ class ExpertEngine:
         if fut is not None:
             stalled = not fut.done()
             event = fut.result()
+        late = stalled
         if event is not None:
+            late = late or not event.query()
             if miss:
-                stalled = stalled or not event.query()
+                stalled = late
                 event.synchronize()
             else:
                 torch.cuda.current_stream(self.device).wait_event(event)  # the GPU waits, not the host
         if stalled:
             self.stats_.add(layer, "stall_s", time.perf_counter() - t0)
+        if late and not miss:
+            self.stats_.add(layer, "hits_late")
         return self.slots[slot]
 
     def _host_expert(self, key: Key) -> ExpertWeights:
@@ -168,14 +172,17 @@ class ExpertEngine:
 
     # ---- the ExpertBackend interface ------------------------------------------------------------
     def on_residual(self, layer: int, h: torch.Tensor) -> None:
-        """Predict the experts of the next `lookahead` MoE layers from `h` and start copying them in."""
+        """`h` is the residual stream leaving `layer`. Predict the experts of the next `lookahead` MoE layers
+        from it and start copying them in: as many as a layer has slots, likeliest first (measured on the demo
+        model: filling every slot beats keeping LRU survivors; benchmarks/README.md "Offload")."""
         if self.lookahead <= 0:
             return
         protected = {k for k in self.lru.keys() if k[0] == layer} if self.lru.scope == "global" else set()
+        width = min(self.slots_per_layer, self.n_experts)
         for target in self.layers:
             if not layer < target <= layer + self.lookahead:
                 continue
-            ids = self.predict(target, h).reshape(-1).tolist()
+            ids = self.predict(target, h, width).reshape(-1).tolist()
             for key, slot, evicted in prefetch_plan(self.lru, target, ids, protected):
                 if evicted is not None:
                     self.prefetched.discard(evicted)

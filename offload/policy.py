@@ -78,13 +78,14 @@ def predicted_keys(layer: int, ids_rows: Iterable[Iterable[int]]) -> list[Key]:
 
 
 def prefetch_plan(lru: SlotLRU, layer: int, ids: list[int], protected: set[Key]) -> list[tuple[Key, int, Key | None]]:
-    """Which predicted experts of `layer` to bring in, and where: the most often predicted first, at most one
-    group's capacity, never evicting a protected key (the current layer's) nor another predicted one.
-    Allocates the slots in `lru`; returns (key, slot, evicted key or None) for each copy to start."""
+    """Which predicted experts of `layer` to bring in, and where: the most often predicted first (ties: the
+    order of `ids`, likeliest first), at most one group's capacity, never evicting a protected key (the
+    current layer's) nor another predicted one. Allocates the slots in `lru`; returns (key, slot, evicted key
+    or None) for each copy to start."""
     counts: dict[int, int] = {}
     for e in ids:
         counts[e] = counts.get(e, 0) + 1
-    ranked = sorted(counts, key=lambda e: (-counts[e], e))[: lru.capacity]
+    ranked = sorted(counts, key=lambda e: -counts[e])[: lru.capacity]  # stable: ties keep the order of ids
     keys = [(layer, e) for e in ranked]
     keep = protected | set(keys)
     out = []

@@ -3,6 +3,9 @@
 Definitions (per layer, summed for the total):
 - hits / misses: per call, each distinct expert the routing needs counts once; a hit means it was in the
   device cache (resident, or its prefetch copy already issued), a miss that it had to be fetched or run on CPU.
+- hits_late: hits whose copy (a prefetch, usually) was still in flight when the layer needed the expert, so
+  compute waited for it; effective_hit_rate = (hits - hits_late) / (hits + misses): resident or prefetched
+  in time.
 - prefetches_issued: copies started because the router predicted the expert for a later layer.
 - prefetches_used: prefetched experts that were needed before they were evicted (each counts once).
 - prefetch_precision = prefetches_used / prefetches_issued.
@@ -19,6 +22,7 @@ from typing import Any
 
 COUNTERS = (
     "hits",
+    "hits_late",
     "misses",
     "prefetches_issued",
     "prefetches_used",
@@ -36,6 +40,7 @@ def _ratio(a: float, b: float) -> float | None:
 def _derived(c: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = dict(c)
     out["hit_rate"] = _ratio(c["hits"], c["hits"] + c["misses"])
+    out["effective_hit_rate"] = _ratio(c["hits"] - c["hits_late"], c["hits"] + c["misses"])
     out["prefetch_precision"] = _ratio(c["prefetches_used"], c["prefetches_issued"])
     out["prefetch_recall"] = _ratio(c["prefetches_used"], c["prefetches_used"] + c["misses"])
     return out

@@ -3,8 +3,9 @@ predicted one layer ahead. JSON lines, replayed by benchmarks/cache_sim.py.
 
 Format: the first line is {"meta": {"layers": [...], "n_experts": N, "top_k": k}}; then one line per MoE-layer
 call: {"step": s, "layer": L, "selected": [[e, ...] per token], "predicted": [[e, ...] per token] | null}.
-`predicted` for layer L is the router of L applied to the residual stream after the attention of layer L-1
-(`predict(L, h)`), i.e. what a lookahead-1 prefetcher sees; null for the first MoE layer and when the
+`predicted` for layer L is the gate of L applied to the residual stream leaving layer L-1
+(`predict(L, h, width)`): each token's PREDICTED_WIDTH likeliest experts, likeliest first, i.e. what a
+lookahead-1 prefetcher sees (it takes as many as a layer has slots); null for the first layer and when the
 backend has no `predict`.
 
 Use: `rec = TraceRecorder("out.jsonl"); with rec.attached(model): model.generate(...)`, or wrap a backend
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 
+PREDICTED_WIDTH = 32  # experts recorded per token and prediction: enough for caches of up to 32 per layer
+
 
 class TracingBackend:
     """An ExpertBackend that records routing and delegates everything to `inner`."""
@@ -36,7 +39,7 @@ class TracingBackend:
         if self.predict is not None:
             target = self._next_moe_layer(layer)
             if target is not None:
-                self.predicted[target] = self.predict(target, h).tolist()
+                self.predicted[target] = self.predict(target, h, PREDICTED_WIDTH).tolist()
         self.inner.on_residual(layer, h)
 
     def _next_moe_layer(self, layer: int) -> int | None:

@@ -117,7 +117,7 @@ def engine_for(path: Path, slots: int, predicted: dict, **opts) -> ExpertEngine:
             i = int(name.split(".")[1])
             stacks[i] = ExpertStacks(*(f.tensors[f"blk.{i}.ffn_{p}_exps.weight"] for p in ("gate", "up", "down")))
 
-    def predict(layer: int, h: torch.Tensor) -> torch.Tensor:
+    def predict(layer: int, h: torch.Tensor, width: int) -> torch.Tensor:
         return torch.tensor(predicted[layer])
 
     opts.setdefault("experts_on", "ram")
@@ -142,7 +142,7 @@ def test_counters_on_constructed_routing(tiny_gguf):
     h = torch.zeros(1, 8)
     calls = []
     for step in range(4):
-        e.predict = lambda layer, h, step=step: torch.tensor(pred[step])
+        e.predict = lambda layer, h, width, step=step: torch.tensor(pred[step])
         e.on_residual(1, h)
         call(e, 1, sel[1][step])
         call(e, 2, sel[2][step])
@@ -247,3 +247,61 @@ def test_trace_recorder_on_a_model(tiny_gguf, tmp_path):
     rep = report(calls, [2, 8])
     assert rep["sizes"][8]["belady"] >= rep["sizes"][8]["lru"]
     assert 0 <= rep["prediction_accuracy"] <= 1
+
+
+def test_prediction_is_the_gate_of_the_next_layer_on_the_residual_leaving_this_one(tiny_model):
+    """on_residual sees the residual stream leaving each layer; predict(L, h, width) ranks layer L's experts by
+    its gate on h, and its top k is exactly the routing the model would do on that h."""
+    from lite.model import rms_norm, route
+
+    seen: dict[int, torch.Tensor] = {}
+    engine = tiny_model.experts
+    engine.on_residual = lambda layer, h: seen.__setitem__(layer, h.clone())
+    try:
+        logits = tiny_model.logits(PROMPT)
+    finally:
+        del engine.on_residual
+    w, args = tiny_model.transformer.weights, tiny_model.config
+    last = max(seen)
+    assert last == len(w.layers) - 1  # the last layer's output is the final residual: it makes the logits
+    final = w.output(rms_norm(seen[last], w.norm, args.rms_norm_eps)).float()
+    torch.testing.assert_close(final[-1], logits[-1], rtol=0, atol=0)
+    for layer in (1, 2):
+        h = seen[layer - 1]
+        ranked = engine.predict(layer, h, args.n_routed_experts)
+        assert ranked.shape == (len(PROMPT), args.n_routed_experts)
+        ids = route(args, w.layers[layer].router, rms_norm(h, w.layers[layer].ffn_norm, args.rms_norm_eps))[0]
+        assert torch.equal(ranked[:, : ids.shape[1]], ids)
+
+
+def test_prefetch_fills_a_layers_slots_with_its_likeliest_experts(tiny_gguf):
+    widths = []
+
+    def predict(layer: int, h: torch.Tensor, width: int) -> torch.Tensor:
+        widths.append(width)
+        return torch.tensor([[6, 2, 7, 0, 1]])[:, :width]  # likeliest first
+
+    e = engine_for(tiny_gguf, 3, {}, prefetch=1, miss_policy="fetch")
+    e.predict = predict
+    call(e, 2, [[0, 1]])  # layer 2 holds 0 and 1; its third slot is free
+    e.on_residual(1, torch.zeros(1, 8))
+    assert widths == [3]  # as many as the layer has slots
+    assert sorted(k for k in e.lru.keys() if k[0] == 2) == [(2, 2), (2, 6), (2, 7)]
+    assert e.stats()["layers"][2]["prefetches_issued"] == 3
+    call(e, 2, [[2, 6]])
+    assert e.stats()["layers"][2]["prefetches_used"] == 2
+
+
+def test_a_prefetch_still_in_flight_is_a_late_hit(tiny_gguf):
+    import time
+
+    e = engine_for(tiny_gguf, 2, {2: [[3, 4]]}, prefetch=1, miss_policy="fetch")
+    fill = e._fill
+    e._fill = lambda *a: (time.sleep(0.2), fill(*a))[1]  # a slow copy: the worker fills one slot at a time
+    e.on_residual(1, torch.zeros(1, 8))
+    call(e, 2, [[3, 4]])  # both predicted, both still copying
+    t = e.stats()["total"]
+    assert (t["hits"], t["hits_late"], t["misses"]) == (2, 2, 0)
+    assert t["hit_rate"] == 1.0 and t["effective_hit_rate"] == 0.0 and t["stall_s"] > 0
+    call(e, 2, [[3, 4]])  # resident now: in time
+    assert e.stats()["total"]["effective_hit_rate"] == 2 / 4

@@ -86,7 +86,7 @@ def test_copy_stream_overlaps_and_events(cuda_model):
     engine = build_experts(model.experts.stacks, model.experts.predict, "cuda", model.dtype, gguf_file=gguf,
                            experts_on="ram", expert_cache=2, prefetch=1, miss_policy="fetch")  # fmt: skip
     try:
-        engine.predict = lambda layer, h: torch.tensor([[3, 5]], device="cuda")
+        engine.predict = lambda layer, h, width: torch.tensor([[3, 5]], device="cuda")
         engine.on_residual(1, torch.zeros(1, 8, device="cuda"))
         assert engine.stats()["layers"][2]["prefetches_issued"] == 2
         assert engine.events  # copies in flight are tracked by events, not waited for

@@ -86,6 +86,7 @@ def test_prefetch_policy_counts():
         "hits": 7,
         "misses": 0,
         "hit_rate": 1.0,
+        "decode_hit_rate": 1.0,
         "prefetches_issued": 7,
         "prefetches_used": 7,
         "precision": 1.0,
@@ -95,7 +96,11 @@ def test_prefetch_policy_counts():
     # least recently used), used once, at t=5
     wrong = simulate_prefetch(calls_of(SEQ, predicted=[3] * 7), 2)
     assert (wrong["hits"], wrong["misses"], wrong["prefetches_issued"], wrong["prefetches_used"]) == (1, 6, 3, 1)
-    assert wrong["precision"] == 1 / 3 and wrong["recall"] == 1 / 7
+    assert wrong["precision"] == 1 / 3 and wrong["recall"] == 1 / 7 and wrong["decode_hit_rate"] == 1 / 7
+    # a prompt pass (two tokens) misses both experts; the decode steps after it are counted on their own
+    mixed = [{"layer": 1, "selected": [[0], [1]], "predicted": None}] + calls_of(SEQ, predicted=SEQ)
+    r = simulate_prefetch(mixed, 2)
+    assert r["decode_hit_rate"] == 1.0 and r["hit_rate"] == 7 / 9
     assert prediction_accuracy(calls_of(SEQ, predicted=SEQ)) == 1.0
     assert prediction_accuracy(calls_of(SEQ, predicted=[3] * 7)) == 1 / 7
 
@@ -112,6 +117,8 @@ def test_slot_lru_and_prefetch_plan():
     # prefetch: most often predicted first, at most the capacity, never evicting the protected
     plan = prefetch_plan(lru, 1, [5, 6, 6, 7, 7, 7], protected={(1, 0)})
     assert [k for k, _, _ in plan] == [(1, 7)]  # (1, 6) would have to evict the protected (1, 0) or (1, 7)
+    fresh = SlotLRU([1], 2, "layer")  # ties keep the order given: likeliest first
+    assert [k for k, _, _ in prefetch_plan(fresh, 1, [9, 3, 5], set())] == [(1, 9), (1, 3)]
     g = SlotLRU([1, 2], 2, "global")
     for e in range(4):
         g.allocate((1 + e % 2, e))
@@ -131,7 +138,7 @@ def test_trace_roundtrip_and_cli(tmp_path, capsys):
         def __call__(self, layer, x, ids, weights):
             return x
 
-    def predict(layer, h):
+    def predict(layer, h, width):
         return torch.tensor([[layer, 3]])
 
     with TraceRecorder(path) as rec:
