@@ -75,8 +75,17 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
         help="where experts are kept: all on the device, in RAM, or read from the file (default: auto, planned)",
     )  # fmt: skip
     g.add_argument(
+        "--expert-cache", metavar="N|SIZE", default=None,
+        help="device expert cache: slots per MoE layer, or a byte budget such as 2GiB (default: planned)",
+    )  # fmt: skip
+    g.add_argument(
         "--prefetch", metavar="on|off|N", default=None,
         help="router-predicted prefetch of the next layers' experts: on, off, or a lookahead in layers",
+    )  # fmt: skip
+    g.add_argument(
+        "--miss-policy", metavar="auto|fetch|cpu", default=None,
+        help="an expert missing from the device cache: copy it in (fetch), run it on the CPU (cpu), or pick per "
+        "miss from measured times (default: auto)",
     )  # fmt: skip
 
 
@@ -112,6 +121,12 @@ def offload_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["ram_memory"] = args.ram
     if args.experts_on:
         opts["experts_on"] = args.experts_on
+    if args.expert_cache is not None:
+        opts["expert_cache"] = int(args.expert_cache) if args.expert_cache.isdigit() else args.expert_cache
+    if args.miss_policy:
+        if args.miss_policy not in ("auto", "fetch", "cpu"):
+            raise LiteError(f"--miss-policy takes auto, fetch or cpu, got {args.miss_policy!r}")
+        opts["miss_policy"] = args.miss_policy
     if args.prefetch is not None:
         value = args.prefetch.lower()
         if value in ("on", "true", "yes"):

@@ -126,12 +126,24 @@ def test_user_errors_are_one_line(tiny, tmp_path, lite):
         ("run", str(model), "-p", "x", "--top-p", "2"),
         ("run", str(model), "-p", "x", "--system", "s"),
         ("run", str(model), "-p", "x", "--prefetch", "sometimes"),
+        ("run", str(model), "-p", "x", "--expert-cache", "lots"),
+        ("run", str(model), "-p", "x", "--miss-policy", "never"),
         ("perplexity", str(model), str(tmp_path / "missing.txt")),
         ("bench", str(model), "-p", "400", "-n", "200"),  # beyond the model's 512 positions
     ):
         proc = lite(*args, check=False)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_offload_flags_reach_the_engine_and_keep_the_output(tiny, lite):
+    model, _ = tiny
+    base = ("run", str(model), "--json", "-p", "Once upon", "-n", "6", "--temp", "0")
+    ref = json.loads(lite(*base).stdout)
+    flags = ("--experts-on", "ram", "--expert-cache", "1", "--miss-policy", "fetch", "--prefetch", "2")
+    rec = json.loads(lite(*base, *flags).stdout)
+    assert rec["tokens"] == ref["tokens"]
+    assert 0 <= rec["expert_cache_hit_rate"] < 1  # one slot per layer for top-k routing: some misses
 
 
 def test_default_model(tiny, lite):
