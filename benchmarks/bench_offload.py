@@ -3,11 +3,13 @@
     python benchmarks/bench_offload.py [MODEL.gguf] [--tokens N]        # CPU: disk-tier and overhead ratios
     python benchmarks/bench_offload.py --cuda [--layers L]               # CUDA: expert copy and MoE decode step
 
-CPU mode (default model: lite/data/demo.gguf), decode tokens/s after a 16-token prompt, the compared backends
-alternated --rounds times on one loaded model (medians, and the median of the per-round ratios):
-- overhead: every expert resident in the engine (experts_on="device") vs `ResidentExperts` (no machinery);
+CPU mode (default model: lite/data/demo.gguf), decode tokens/s after a 16-token prompt (medians, and the median
+of the per-round ratios):
+- overhead: every expert resident in the engine (experts_on="device") vs `ResidentExperts` (no machinery), the
+  two alternated --rounds times on one loaded model;
 - disk tier: experts_on="disk" with a RAM budget of 25% of the expert bytes vs experts_on="ram", both with
-  a device cache of 2x the active experts per layer.
+  a device cache of 2x the active experts per layer, each in its own process (alternated --rounds/2 times) that
+  starts with the GGUF out of the page cache and reads around it (--hot-disk: through the page cache).
 CUDA mode: host->device copy of one V2-Lite-shaped Q4_K expert (1408x2048 gate/up, 2048x1408 down; 4.87 MB in
 the GGUF, 5.4 MB as int4pack) from pinned and from pageable RAM; one expert on the CPU at batch 1; and one
 MoE layer decode step (top-6 of 64) with every expert resident, all hits, all misses fetched, all misses on CPU.
@@ -60,13 +62,12 @@ def alternate(model, backends: dict, tokens: int, rounds: int) -> dict[str, list
 
 
 def cpu_mode(path: str, tokens: int, rounds: int = 7) -> dict:
+    """The overhead ratio: the engine with every expert resident vs `ResidentExperts`, alternated in-process."""
     import lite
-    from offload import build_experts
     from offload.resident import ResidentExperts
 
     out: dict = {"model": path, "threads": torch.get_num_threads(), "clock": CLOCK.__name__, "rounds": rounds}
     m = lite.load(path, device="cpu", experts_on="device")
-    k = m.config.num_experts_per_tok
     engine = m.experts
     resident = ResidentExperts(engine.stacks, m.device, m.dtype)
     rates = alternate(m, {"engine": engine, "resident": resident}, tokens, rounds)
@@ -75,19 +76,52 @@ def cpu_mode(path: str, tokens: int, rounds: int = 7) -> dict:
     out["overhead_ratio"] = statistics.median(e / r for e, r in zip(rates["engine"], rates["resident"]))
     out["overhead_ratio_range"] = (min(rates["engine"]) / max(rates["resident"]),
                                    max(rates["engine"]) / min(rates["resident"]))  # fmt: skip
-    total = engine.plan.expert_total
-    opts = {"gguf_file": None, "expert_cache": 2 * k, "miss_policy": "auto"}
-    ram = build_experts(engine.stacks, engine.predict, "cpu", m.dtype, experts_on="ram", **opts)
-    disk = build_experts(engine.stacks, engine.predict, "cpu", m.dtype, experts_on="disk", ram_memory=total // 4,
-                         **opts)  # fmt: skip
-    rates = alternate(m, {"ram": ram, "disk": disk}, tokens, rounds)
-    out["ram_tier_tps"] = statistics.median(rates["ram"])
-    out["disk_tier_tps"] = statistics.median(rates["disk"])
-    out["disk_ratio"] = statistics.median(d / r for d, r in zip(rates["disk"], rates["ram"]))
-    out["ram_tier_stats"], out["disk_tier_stats"] = ram.stats()["total"], disk.stats()["total"]
-    for backend in (ram, disk):
-        backend.close()
     return out
+
+
+def tier_child(path: str, tier: str, tokens: int, hot: bool) -> dict:
+    """One process, one tier: decode tokens/s with 2x k device slots; the disk tier gets 25% of the expert bytes
+    as RAM and (unless `hot`) starts with the file out of the page cache and reads around it."""
+    import os
+
+    import lite
+    from offload.planner import plan_file
+
+    if not hot:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nothing maps the file yet: this drops its pages
+        os.close(fd)
+    _, sizes = plan_file(path, device="cpu")
+    opts = {"experts_on": tier, "expert_cache": 2 * sizes.experts_per_token, "miss_policy": "auto"}
+    if tier == "disk":
+        opts.update(ram_memory=sizes.expert_total // 4, drop_page_cache=not hot)
+    m = lite.load(path, device="cpu", **opts)
+    tps = decode_tps(m, tokens)
+    return {"tier": tier, "tps": tps, "stats": m.stats()["total"]}
+
+
+def tiers_mode(path: str, tokens: int, rounds: int, hot: bool, threads: int | None) -> dict:
+    """The disk-tier ratio: RAM-tier and disk-tier processes alternated `rounds` times."""
+    import subprocess
+
+    rates: dict[str, list[float]] = {"ram": [], "disk": []}
+    last: dict[str, dict] = {}
+    for _ in range(rounds):
+        for tier in ("ram", "disk"):
+            cmd = [sys.executable, __file__, path, "--tier-child", tier, "--tokens", str(tokens)]
+            cmd += (["--hot-disk"] if hot else []) + (["--threads", str(threads)] if threads else [])
+            rec = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            rates[tier].append(rec["tps"])
+            last[tier] = rec["stats"]
+    return {
+        "disk_reads": "page cache (hot)" if hot else "around the page cache (cold)",
+        "ram_tier_tps": statistics.median(rates["ram"]),
+        "disk_tier_tps": statistics.median(rates["disk"]),
+        "disk_ratio": statistics.median(d / r for d, r in zip(rates["disk"], rates["ram"])),
+        "disk_ratio_per_round": [d / r for d, r in zip(rates["disk"], rates["ram"])],
+        "ram_tier_stats": last["ram"],
+        "disk_tier_stats": last["disk"],
+    }
 
 
 def random_q4(rows: int, cols: int, rng: np.random.Generator, k_quant: bool) -> np.ndarray:
@@ -226,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="MoE layers of the synthetic CUDA model (311 MB each)")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per CPU measurement")
     ap.add_argument("--rounds", type=int, default=7, help="CPU: alternations of the compared backends")
+    ap.add_argument("--hot-disk", action="store_true", help="CPU: let the disk tier read through the page cache")
+    ap.add_argument("--tier-child", choices=["ram", "disk"], help=argparse.SUPPRESS)
     ap.add_argument("--cpu-time", action="store_true", help="rate per process CPU second instead of wall second")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     args = ap.parse_args(argv)
@@ -240,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.model).is_file():
             print(f"no model at {args.model}; pass a GGUF path", file=sys.stderr)
             return 2
+        if args.tier_child:
+            print(json.dumps(tier_child(args.model, args.tier_child, args.tokens, args.hot_disk)))
+            return 0
         res = cpu_mode(args.model, args.tokens, args.rounds)
+        res.update(tiers_mode(args.model, args.tokens, max(args.rounds // 2, 1), args.hot_disk, args.threads))
     print(json.dumps(res, indent=1, default=str))
     return 0
 

@@ -23,6 +23,11 @@ from offload.experts import ExpertWeights, moe_one_token
 from offload.policy import Key, SlotLRU, prefetch_plan
 from offload.stats import ExpertStats
 
+# Disk tier: a prefetch only moves predicted experts that are already in RAM. A speculative disk read costs more
+# than it brings: at this machine's ~1 GB/s a wrong 4.9 MB read holds the disk for 5 ms, and cold-read decode ran
+# 0.63x of the RAM tier with no such reads vs 0.31x with them (benchmarks/README.md "Offload").
+DISK_READS_PER_PREFETCH = 0
+
 
 class ExpertEngine:
     """`ExpertBackend` (docs/DESIGN.md) over a host store and `slots_per_layer` device slots per MoE layer."""
@@ -67,6 +72,8 @@ class ExpertEngine:
                 self.slots[slot] = preloaded[key]
         else:
             self.slots = [template.empty_like(self.device) for _ in range(self.lru.n_slots)]
+        on_disk = store is not None and store.on_disk
+        self.prefetch_limits = (store.has, DISK_READS_PER_PREFETCH) if on_disk else ()  # see prefetch_plan
         self.cpu_cost: tuple[float, float] | None = None  # seconds for 1 token, per extra token
         self.copy_s: float | None = None  # seconds to copy one expert to the device tier
         if miss_policy == "auto" and store is not None:
@@ -183,7 +190,7 @@ class ExpertEngine:
             if not layer < target <= layer + self.lookahead:
                 continue
             ids = self.predict(target, h, width).reshape(-1).tolist()
-            for key, slot, evicted in prefetch_plan(self.lru, target, ids, protected):
+            for key, slot, evicted in prefetch_plan(self.lru, target, ids, protected, *self.prefetch_limits):
                 if evicted is not None:
                     self.prefetched.discard(evicted)
                 self._issue(key, slot)

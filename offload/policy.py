@@ -8,7 +8,7 @@ simulator (benchmarks/cache_sim.py) replays routing traces through these same cl
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Key = tuple[int, int]
 
@@ -77,16 +77,33 @@ def predicted_keys(layer: int, ids_rows: Iterable[Iterable[int]]) -> list[Key]:
     return list(seen)
 
 
-def prefetch_plan(lru: SlotLRU, layer: int, ids: list[int], protected: set[Key]) -> list[tuple[Key, int, Key | None]]:
+def prefetch_plan(
+    lru: SlotLRU,
+    layer: int,
+    ids: list[int],
+    protected: set[Key],
+    in_host: Callable[[Key], bool] | None = None,
+    max_host_misses: int | None = None,
+) -> list[tuple[Key, int, Key | None]]:
     """Which predicted experts of `layer` to bring in, and where: the most often predicted first (ties: the
     order of `ids`, likeliest first), at most one group's capacity, never evicting a protected key (the
-    current layer's) nor another predicted one. Allocates the slots in `lru`; returns (key, slot, evicted key
-    or None) for each copy to start."""
+    current layer's) nor another predicted one. With `in_host` (is the expert already in the host tier's RAM?),
+    at most `max_host_misses` of them may need a read from disk. Allocates the slots in `lru`; returns (key,
+    slot, evicted key or None) for each copy to start."""
     counts: dict[int, int] = {}
     for e in ids:
         counts[e] = counts.get(e, 0) + 1
-    ranked = sorted(counts, key=lambda e: -counts[e])[: lru.capacity]  # stable: ties keep the order of ids
-    keys = [(layer, e) for e in ranked]
+    keys: list[Key] = []  # the likeliest experts that may come in, at most a group's capacity
+    reads = 0
+    for e in sorted(counts, key=lambda e: -counts[e]):  # stable: ties keep the order of ids
+        if len(keys) == lru.capacity:
+            break
+        key = (layer, e)
+        if key not in lru and in_host is not None and max_host_misses is not None and not in_host(key):
+            if reads == max_host_misses:
+                continue
+            reads += 1
+        keys.append(key)
     keep = protected | set(keys)
     out = []
     for key in keys:

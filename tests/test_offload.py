@@ -305,3 +305,17 @@ def test_a_prefetch_still_in_flight_is_a_late_hit(tiny_gguf):
     assert t["hit_rate"] == 1.0 and t["effective_hit_rate"] == 0.0 and t["stall_s"] > 0
     call(e, 2, [[3, 4]])  # resident now: in time
     assert e.stats()["total"]["effective_hit_rate"] == 2 / 4
+
+
+def test_disk_tier_prefetch_moves_only_experts_already_in_ram(tiny_gguf):
+    e = engine_for(tiny_gguf, 2, {2: [[3, 4]]}, prefetch=1, miss_policy="fetch", experts_on="disk",
+                   ram_memory=10**9)  # fmt: skip
+    e.on_residual(1, torch.zeros(1, 8))  # 3 and 4 are still on disk: no speculative reads
+    t = e.stats()["total"]
+    assert (t["prefetches_issued"], t["bytes_disk"]) == (0, 0)
+    call(e, 2, [[3, 5]])  # misses read 3 and 5 into RAM (and the device slots)
+    call(e, 2, [[0, 1]])  # evicts them from the 2 device slots; RAM keeps them
+    e.on_residual(1, torch.zeros(1, 8))
+    assert e.stats()["layers"][2]["prefetches_issued"] == 1  # 3 is in RAM now; 4 is not
+    assert (2, 3) in e.lru and (2, 4) not in e.lru
+    assert e.stats()["total"]["bytes_disk"] == 4 * e.store.raw_bytes

@@ -119,6 +119,11 @@ def test_slot_lru_and_prefetch_plan():
     assert [k for k, _, _ in plan] == [(1, 7)]  # (1, 6) would have to evict the protected (1, 0) or (1, 7)
     fresh = SlotLRU([1], 2, "layer")  # ties keep the order given: likeliest first
     assert [k for k, _, _ in prefetch_plan(fresh, 1, [9, 3, 5], set())] == [(1, 9), (1, 3)]
+    # with a host tier over the disk: only experts already in RAM, plus at most max_host_misses others
+    in_ram = {(1, 3), (1, 5)}.__contains__
+    assert [k for k, _, _ in prefetch_plan(SlotLRU([1], 3), 1, [9, 3, 7, 5], set(), in_ram, 0)] == [(1, 3), (1, 5)]
+    plan = prefetch_plan(SlotLRU([1], 3), 1, [9, 3, 7, 5], set(), in_ram, 1)
+    assert [k for k, _, _ in plan] == [(1, 9), (1, 3), (1, 5)]
     g = SlotLRU([1, 2], 2, "global")
     for e in range(4):
         g.allocate((1 + e % 2, e))
