@@ -6,7 +6,7 @@ Teacher-forced decode (one token per forward, so routing is exactly what generat
 the end of ../shared/corpus/tinyshakespeare.txt (the demo model's held-out split), in windows of the model's
 context, each after a --prompt-token prefill whose counters are not kept. For each cache size (slots per MoE
 layer; "2k" = twice the routed experts per token) and prefetch setting, the engine's own counters
-(experts_on="ram", miss_policy="fetch", CPU device tier) give:
+(experts_on="ram", miss_policy="fetch"; the CPU device tier, or --device cuda) give:
 - hit_rate: needed experts already in the device tier when the layer ran;
 - effective_hit_rate: the same, less hits whose prefetch copy was still in flight (resident or in time);
 - prefetch precision and recall.
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=64, help="prefill tokens before counting")
     ap.add_argument("--slots", default="1k,2k,3k", help="cache sizes per MoE layer: N or Nk (N x top-k)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: real copies on a copy stream, so late hits count")
     ap.add_argument("--trace", default=None, help="keep the routing trace (prefetch 1, first size) here")
     args = ap.parse_args(argv)
     if not CORPUS.is_file():
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import lite
     from offload.trace import read_trace
 
-    probe = lite.load(args.model, device="cpu", experts_on="device")
+    probe = lite.load(args.model, device=args.device, experts_on="device")
     k = probe.config.num_experts_per_tok
     tokens = held_out_tokens(probe.tokenizer, args.prompt + args.tokens)
     del probe
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.slots.split(","):
             slots = slots_of(spec, k)
             for prefetch in (False, 1, 2):
-                m = lite.load(args.model, device="cpu", experts_on="ram", expert_cache=slots, prefetch=prefetch,
+                m = lite.load(args.model, device=args.device, experts_on="ram", expert_cache=slots, prefetch=prefetch,
                               miss_policy="fetch")  # fmt: skip
                 record = trace if (prefetch == 1 and not trace.exists()) else None
                 tot = decode_through(m, tokens, args.prompt, record)
