@@ -1,6 +1,7 @@
 """Offload benchmarks.
 
     python benchmarks/bench_offload.py [MODEL.gguf] [--tokens N]        # CPU: disk-tier and overhead ratios
+    python benchmarks/bench_offload.py --device cuda --overhead-only   # the overhead ratio on the GPU
     python benchmarks/bench_offload.py --cuda [--layers L]               # CUDA: expert copy and MoE decode step
 
 CPU mode (default model: lite/data/demo.gguf), decode tokens/s after a 16-token prompt (medians, and the median
@@ -61,13 +62,14 @@ def alternate(model, backends: dict, tokens: int, rounds: int) -> dict[str, list
     return rates
 
 
-def cpu_mode(path: str, tokens: int, rounds: int = 7) -> dict:
+def overhead_mode(path: str, tokens: int, rounds: int = 7, device: str = "cpu") -> dict:
     """The overhead ratio: the engine with every expert resident vs `ResidentExperts`, alternated in-process."""
     import lite
     from offload.resident import ResidentExperts
 
-    out: dict = {"model": path, "threads": torch.get_num_threads(), "clock": CLOCK.__name__, "rounds": rounds}
-    m = lite.load(path, device="cpu", experts_on="device")
+    out: dict = {"model": path, "device": device, "threads": torch.get_num_threads(), "clock": CLOCK.__name__,
+                 "rounds": rounds}  # fmt: skip
+    m = lite.load(path, device=device, experts_on="device")
     engine = m.experts
     resident = ResidentExperts(engine.stacks, m.device, m.dtype)
     rates = alternate(m, {"engine": engine, "resident": resident}, tokens, rounds)
@@ -260,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="MoE layers of the synthetic CUDA model (311 MB each)")
     ap.add_argument("--tokens", type=int, default=32, help="decode steps per CPU measurement")
     ap.add_argument("--rounds", type=int, default=7, help="CPU: alternations of the compared backends")
+    ap.add_argument("--device", default="cpu", help="the overhead ratio's device (cpu or cuda)")
+    ap.add_argument("--overhead-only", action="store_true", help="skip the disk-tier ratio")
     ap.add_argument("--hot-disk", action="store_true", help="CPU: let the disk tier read through the page cache")
     ap.add_argument("--tier-child", choices=["ram", "disk"], help=argparse.SUPPRESS)
     ap.add_argument("--cpu-time", action="store_true", help="rate per process CPU second instead of wall second")
@@ -279,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.tier_child:
             print(json.dumps(tier_child(args.model, args.tier_child, args.tokens, args.hot_disk)))
             return 0
-        res = cpu_mode(args.model, args.tokens, args.rounds)
-        res.update(tiers_mode(args.model, args.tokens, max(args.rounds // 2, 1), args.hot_disk, args.threads))
+        res = overhead_mode(args.model, args.tokens, args.rounds, args.device)
+        if not args.overhead_only:
+            res.update(tiers_mode(args.model, args.tokens, max(args.rounds // 2, 1), args.hot_disk, args.threads))
     print(json.dumps(res, indent=1, default=str))
     return 0
 

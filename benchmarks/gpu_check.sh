@@ -2,7 +2,7 @@
 # The offload issue's GPU checks in one prepared run for a device session (a few minutes on an H200):
 # the CUDA tests, expert copy and MoE-layer timings, and the demo model's decode with its expert cache on the GPU.
 #   device run: bash benchmarks/gpu_check.sh      (carry .whl: the gguf wheel, absent from the GPU image)
-# Results land in $OUT (or benchmarks/out): cuda_tests.txt, offload_cuda.json, demo_cuda_*.json.
+# Results land in $OUT (or benchmarks/out): cuda_tests.txt, offload_cuda.json, overhead_cuda.json, demo_cuda_*.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
@@ -16,6 +16,7 @@ nvidia-smi -L
 python3 -m pytest -q -p no:cacheprovider tests/test_offload_cuda.py tests/test_qmatrix.py tests/test_quant_formats.py \
     tests/test_model.py -k cuda 2>&1 | tee "$out/cuda_tests.txt"
 python3 benchmarks/bench_offload.py --cuda --layers 3 2>&1 | tee "$out/offload_cuda.json"
+python3 benchmarks/bench_offload.py --device cuda --overhead-only --tokens 64 2>&1 | tee "$out/overhead_cuda.json"
 bench() { python3 -m cli.main bench lite/data/demo.gguf --device cuda -p 64 -n 256 -r 3 --json "$@"; }
 bench --experts-on device > "$out/demo_cuda_resident.json"
 for pf in off 1 2; do
