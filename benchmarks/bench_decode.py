@@ -116,23 +116,10 @@ class LlamaEngine:
     name = "llama.cpp"
 
     def __init__(self, path: str, ctx: int, threads: int, extra_bufts: bool = False):
-        from llama_cpp import Llama
-        from llama_cpp import llama_cpp as C
+        from llama_cpp_load import load_llama
 
-        # In this sandbox llama.cpp dies (SIGILL or a scheduler assert) with its extra AMX / repacking buffer types
-        # on (benchmarks/README.md, Converter): they are off unless --llama-extra-bufts.
-        default = C.llama_model_default_params
-
-        def params():
-            p = default()
-            p.use_extra_bufts = extra_bufts
-            return p
-
-        C.llama_model_default_params = params
-        try:
-            self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=ctx, verbose=False)
-        finally:
-            C.llama_model_default_params = default
+        # extra (AMX / repacking) buffer types crash in this sandbox: off unless --llama-extra-bufts
+        self.llm = load_llama(path, extra_bufts, n_threads=threads, n_threads_batch=threads, n_ctx=ctx, verbose=False)
 
     def start(self, prompt: list[int]) -> None:
         self.llm.reset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import gguf
@@ -19,6 +20,8 @@ from lite.convert import convert
 from lite.errors import LiteError
 from quant.formats import quantize
 from quant.gguf_file import GGUFFile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 Q = gguf.GGMLQuantizationType
 
@@ -302,27 +305,16 @@ def test_refuses_to_overwrite_without_force(hf_lite, tmp_path):
 # --- cross-check: llama.cpp itself runs our file (needs `pip install llama-cpp-python`; skipped without it) ----
 
 
-def _llama_cpp_logits(llama_cpp, path: Path, tokens: list[int]) -> torch.Tensor:
+def _llama_cpp_logits(path: Path, tokens: list[int]) -> torch.Tensor:
     """llama.cpp's logits [T, vocab], its KV cache in f32 so that comparisons are tight.
 
     Extra (repacking / AMX) buffer types are turned off: in this sandbox the natively built AMX path dies with
     SIGILL or a scheduler assert on Q8_0 weights, whatever the file.
     """
-    from llama_cpp import llama_cpp as C
+    from llama_cpp_load import load_llama
 
-    default = C.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    C.llama_model_default_params = params
-    try:
-        f32 = 0  # GGML_TYPE_F32
-        llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False, type_k=f32, type_v=f32)
-    finally:
-        C.llama_model_default_params = default
+    f32 = 0  # GGML_TYPE_F32
+    llm = load_llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False, type_k=f32, type_v=f32)
     llm.eval(tokens)
     return torch.tensor(np.array(llm.scores[: len(tokens)]), dtype=torch.float32)
 
@@ -330,7 +322,7 @@ def _llama_cpp_logits(llama_cpp, path: Path, tokens: list[int]) -> torch.Tensor:
 def test_llama_cpp_runs_our_default_recipe(hf_lite, tmp_path):
     """llama.cpp loads the Q4_K / Q4_0 / Q8_0 file and agrees with lite on it (measured KL 7.7e-4, top-1 39/40;
     llama.cpp also rounds activations to 8 bits in quantized matmuls, so the two are close, not equal)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     tiny_tokenizer = pytest.importorskip("tiny_tokenizer")
     import lite
 
@@ -339,7 +331,7 @@ def test_llama_cpp_runs_our_default_recipe(hf_lite, tmp_path):
     tiny_tokenizer.write_tiny_tokenizer(ckpt)
     convert(ckpt, tmp_path / "q.gguf")
     tokens = list(range(0, 512, 11))[:40]
-    theirs = torch.log_softmax(_llama_cpp_logits(llama_cpp, tmp_path / "q.gguf", tokens), -1)
+    theirs = torch.log_softmax(_llama_cpp_logits(tmp_path / "q.gguf", tokens), -1)
     ours = torch.log_softmax(lite.load(str(tmp_path / "q.gguf"), device="cpu").logits(tokens), -1)
     kl = float((ours.exp() * (ours - theirs)).sum(-1).mean())
     top1 = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
@@ -348,7 +340,7 @@ def test_llama_cpp_runs_our_default_recipe(hf_lite, tmp_path):
 
 def test_llama_cpp_runs_our_f32_file(hf_checkpoint, tmp_path):
     """llama.cpp loads our converted f32 file and its logits match the reference at every position."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     tiny_tokenizer = pytest.importorskip("tiny_tokenizer")
     from test_model import reference_logits  # transformers, with DeepSeek's norm_topk_prob (transformers 5 drops it)
 
@@ -357,7 +349,7 @@ def test_llama_cpp_runs_our_f32_file(hf_checkpoint, tmp_path):
     tiny_tokenizer.write_tiny_tokenizer(ckpt)  # llama.cpp needs a vocabulary
     convert(ckpt, tmp_path / "m.gguf", outtype="f32")
     tokens = [0, 17, 300, 42, 7, 511, 100, 250, 3, 64, 128, 9]
-    got = _llama_cpp_logits(llama_cpp, tmp_path / "m.gguf", tokens)
+    got = _llama_cpp_logits(tmp_path / "m.gguf", tokens)
     assert got.shape == (len(tokens), 512) and bool(torch.isfinite(got).all())
     if json.loads((ckpt / "config.json").read_text())["topk_method"] == "group_limited_greedy":
         pytest.xfail(
