@@ -36,16 +36,19 @@ def tiny_model(tiny_gguf):
     return lite.load(str(tiny_gguf), device="cpu", experts_on="device")
 
 
-def run(model, gguf: GGUFFile, **opts) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
-    """Swap in an engine built with `opts`; prefill logits [T, vocab], one-token decode logits, stats."""
+def run(
+    model, gguf: GGUFFile, device: str = "cpu", **opts
+) -> tuple[torch.Tensor, list[torch.Tensor], dict, ExpertEngine]:
+    """Swap in an engine built with `opts`; prefill logits [T, vocab], one-token decode logits, stats, and the
+    engine (closed)."""
     old = model.experts
-    engine = build_experts(old.stacks, old.predict, "cpu", torch.float32, gguf_file=gguf, **opts)
+    engine = build_experts(old.stacks, old.predict, device, model.dtype, gguf_file=gguf, **opts)
     model.transformer.experts = model.experts = engine
     try:
         s = model.session(32)
         pre = s.feed(PROMPT, all_logits=True)
         dec = [s.feed([t]) for t in DECODE]
-        return pre, dec, model.stats()
+        return pre, dec, model.stats(), engine
     finally:
         engine.close()
         model.transformer.experts = model.experts = old
@@ -53,7 +56,7 @@ def run(model, gguf: GGUFFile, **opts) -> tuple[torch.Tensor, list[torch.Tensor]
 
 def test_logits_identical_across_cache_tier_prefetch_and_miss_policy(tiny_model, tiny_gguf):
     gguf = GGUFFile(tiny_gguf)
-    base_pre, base_dec, _ = run(tiny_model, gguf, experts_on="device")
+    base_pre, base_dec, _, _ = run(tiny_model, gguf, experts_on="device")
     n = tiny_model.config.n_routed_experts
     combos = list(itertools.product([1, 2, n], ["ram", "disk"], [False, 1], ["fetch", "cpu", "auto"]))
     combos += [(1, "ram", 2, "fetch"), (2, "disk", 2, "auto")]  # a deeper lookahead
@@ -63,7 +66,7 @@ def test_logits_identical_across_cache_tier_prefetch_and_miss_policy(tiny_model,
         if tier == "disk":
             # a RAM LRU of 4 of the 16 experts, in the planner's bytes per expert (it sizes the LRU)
             opts["ram_memory"] = 4 * tiny_model.experts.plan.expert_bytes
-        pre, dec, st = run(tiny_model, gguf, **opts)
+        pre, dec, st, _ = run(tiny_model, gguf, **opts)
         # the same arithmetic on every path: bit-identical
         assert torch.equal(pre, base_pre), opts
         assert all(torch.equal(a, b) for a, b in zip(dec, base_dec)), opts

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from test_offload import run as run_on
 
 import lite
 from offload import build_experts
@@ -16,9 +17,6 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-PROMPT = [0, 5, 17, 300, 42, 7, 99, 100, 101, 3, 250, 11]
-DECODE = [8, 400, 77, 2]
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +33,9 @@ def cuda_model(tmp_path_factory, request):
 
 
 def run(model, gguf, **opts):
-    old = model.experts
-    engine = build_experts(old.stacks, old.predict, "cuda", model.dtype, gguf_file=gguf, **opts)
-    model.transformer.experts = model.experts = engine
-    try:
-        s = model.session(32)
-        pre = s.feed(PROMPT, all_logits=True)
-        dec = [s.feed([t]) for t in DECODE]
-        return torch.cat([pre, torch.stack(dec)]), model.stats(), engine
-    finally:
-        engine.close()
-        model.transformer.experts = model.experts = old
+    """Prefill and decode logits as one tensor, stats and the engine: test_offload's run, on CUDA."""
+    pre, dec, stats, engine = run_on(model, gguf, "cuda", **opts)
+    return torch.cat([pre, torch.stack(dec)]), stats, engine
 
 
 def test_cuda_engine_invariant(cuda_model):
