@@ -36,16 +36,14 @@ def held_out_tokens(tokenizer, n: int) -> list[int]:
     return tokenizer.encode(text[-max(40 * n, 20_000) :])[-n:]  # the end of the corpus: the demo's val split
 
 
-COUNTS = ("hits", "hits_late", "misses", "prefetches_issued", "prefetches_used", "stall_s")
-
-
 def decode_through(model, tokens: list[int], prompt: int, trace: Path | None = None) -> dict:
     """Windows of the model's context: prefill `prompt` tokens (not counted), then feed the rest one at a time.
     Returns the engine's counters summed over the decode steps, with the rates."""
+    from offload.stats import COUNTERS, with_rates
     from offload.trace import TraceRecorder
 
     window = model.max_context - prompt
-    sums = dict.fromkeys(COUNTS, 0.0)
+    sums = dict.fromkeys(COUNTERS, 0.0)
     rec = TraceRecorder(trace) if trace is not None else None
     for a in range(prompt, len(tokens), window):
         s = model.session(prompt + window)
@@ -55,18 +53,11 @@ def decode_through(model, tokens: list[int], prompt: int, trace: Path | None = N
             for t in tokens[a : a + window]:
                 s.feed([t])
         after = model.stats()["total"]
-        for key in COUNTS:
+        for key in COUNTERS:
             sums[key] += after[key] - before[key]
     if rec:
         rec.close()
-    needed = sums["hits"] + sums["misses"]
-    return {
-        **sums,
-        "hit_rate": sums["hits"] / needed,
-        "effective_hit_rate": (sums["hits"] - sums["hits_late"]) / needed,
-        "prefetch_precision": sums["prefetches_used"] / max(sums["prefetches_issued"], 1),
-        "prefetch_recall": sums["prefetches_used"] / (sums["prefetches_used"] + sums["misses"]),
-    }
+    return with_rates(sums)
 
 
 def slots_of(spec: str, k: int) -> int:

@@ -37,7 +37,8 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def _derived(c: dict[str, float]) -> dict[str, Any]:
+def with_rates(c: dict[str, float]) -> dict[str, Any]:
+    """Counters plus the rates derived from them (hit_rate, effective_hit_rate, prefetch precision and recall)."""
     out: dict[str, Any] = dict(c)
     out["hit_rate"] = _ratio(c["hits"], c["hits"] + c["misses"])
     out["effective_hit_rate"] = _ratio(c["hits"] - c["hits_late"], c["hits"] + c["misses"])
@@ -71,7 +72,7 @@ class ExpertStats:
     def as_dict(self, **info: Any) -> dict[str, Any]:
         """{"total": {...}, "layers": {layer: {...}}, **info}; counters plus hit_rate, precision, recall."""
         return {
-            "total": _derived(self.total()),
-            "layers": {layer: _derived(c) for layer, c in self.per_layer.items()},
+            "total": with_rates(self.total()),
+            "layers": {layer: with_rates(c) for layer, c in self.per_layer.items()},
             **info,
         }
