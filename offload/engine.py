@@ -72,8 +72,7 @@ class ExpertEngine:
                 self.slots[slot] = preloaded[key]
         else:
             self.slots = [template.empty_like(self.device) for _ in range(self.lru.n_slots)]
-        on_disk = store is not None and store.on_disk
-        self.prefetch_limits = (store.has, DISK_READS_PER_PREFETCH) if on_disk else ()  # see prefetch_plan
+        self.in_ram = store.has if store is not None and store.on_disk else None  # disk tier: is it in RAM?
         self.cpu_cost: tuple[float, float] | None = None  # seconds for 1 token, per extra token
         self.copy_s: float | None = None  # seconds to copy one expert to the device tier
         if miss_policy == "auto" and store is not None:
@@ -190,7 +189,8 @@ class ExpertEngine:
             if not layer < target <= layer + self.lookahead:
                 continue
             ids = self.predict(target, h, width).reshape(-1).tolist()
-            for key, slot, evicted in prefetch_plan(self.lru, target, ids, protected, *self.prefetch_limits):
+            plan = prefetch_plan(self.lru, target, ids, protected, self.in_ram, DISK_READS_PER_PREFETCH)
+            for key, slot, evicted in plan:
                 if evicted is not None:
                     self.prefetched.discard(evicted)
                 self._issue(key, slot)
