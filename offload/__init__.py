@@ -49,23 +49,27 @@ def _lookahead(prefetch: bool | int) -> int:
 
 
 def sizes_from_stacks(stacks: dict, dtype_bytes: int, device: str = "cuda") -> Any:
-    """Planner sizes when only the expert stacks are known (no dense weights, no latent cache)."""
-    from offload.planner import ModelSizes, memory_bytes
+    """Planner sizes when only the expert stacks are known (no dense weights, no latent cache): every tier holds
+    an expert as its GGUF bytes."""
+    from offload.experts import spec_of
+    from offload.planner import ModelSizes
 
+    per_layer = {layer: spec_of(st).nbytes for layer, st in stacks.items()}
     first = next(iter(stacks.values()))
-    n_experts = first.gate.shape[0]
-    mem = sum(memory_bytes(r.qtype, tuple(r.shape), dtype_bytes, device) for r in (first.gate, first.up, first.down))
-    return ModelSizes(
+    sizes = ModelSizes(
         n_layers=max(stacks) + 1,
         moe_layers=sorted(stacks),
-        n_experts=n_experts,
+        n_experts=first.gate.shape[0],
         experts_per_token=1,
         latent_per_token_layer=0,
         dense_bytes=0,
-        expert_bytes=mem // n_experts,
-        expert_file_bytes=sum(r.nbytes for r in (first.gate, first.up, first.down)) // n_experts,
+        expert_bytes=max(per_layer.values()),
+        expert_file_bytes=max(per_layer.values()),
         context_length=DEFAULT_CTX,
     )
+    if hasattr(sizes, "expert_bytes_by_layer"):
+        sizes.expert_bytes_by_layer = per_layer
+    return sizes
 
 
 def build_experts(
@@ -90,7 +94,7 @@ def build_experts(
 ):
     """The expert backend for a model (see the module docstring for the options)."""
     from offload.engine import ExpertEngine
-    from offload.experts import expert_from_raw, expert_from_stacks
+    from offload.experts import expert_raws, spec_of
     from offload.planner import make_plan
     from offload.resident import ResidentExperts
     from offload.stores import DiskStore, RamStore
@@ -112,11 +116,6 @@ def build_experts(
 
         model_sizes = sizes_of(gguf_file.metadata, gguf_file.tensors, dtype_bytes, device.type)
     sizes = model_sizes or sizes_from_stacks(stacks, dtype_bytes, device.type)
-    if cuda and miss_policy != "fetch":  # each expert twice in RAM: GPU layout for copies, CPU layout to compute
-        from offload.planner import default_budgets, parse_size
-
-        ram = parse_size(ram_memory, "ram_memory")
-        ram_memory = (default_budgets(str(device))[1] if ram is None else ram) // 2
     plan = make_plan(
         sizes,
         device=str(device),
@@ -129,32 +128,23 @@ def build_experts(
     )
     layers = sorted(stacks)
     n_experts = sizes.n_experts
+    specs = {layer: spec_of(st) for layer, st in stacks.items()}  # each layer's own GGUF types and sizes
+    common = dict(layers=layers, n_experts=n_experts, predict=predict, device=device, specs=specs, scope=cache_scope)
     if plan.experts_on == "device":
-        preloaded = {(layer, e): expert_from_stacks(stacks[layer], e, device, dtype) for layer in layers
-                     for e in range(n_experts)}  # fmt: skip
-        engine = ExpertEngine(None, layers, n_experts, predict, device, preloaded[(layers[0], 0)], n_experts,
-                              cache_scope, 0, "fetch", preloaded=preloaded)  # fmt: skip
+        preloaded = {(layer, e): expert_raws(stacks[layer], e) for layer in layers for e in range(n_experts)}
+        engine = ExpertEngine(None, slots_per_layer=n_experts, lookahead=0, miss_policy="fetch", preloaded=preloaded,
+                              **common)  # fmt: skip
         engine.plan, engine.stacks = plan, stacks
         return engine
 
-    # Host copies are packed for the device's kernels (on CUDA: CUDA layout, pinned) so a copy is a plain memcpy.
-    # On CUDA, computing misses on the CPU needs a second, CPU-layout copy of each expert in RAM.
-    def build(raws: tuple, st: Any) -> Any:
-        return expert_from_raw(raws, st, "cpu", dtype, layout_for=device.type)
-
-    def build_cpu(raws: tuple, st: Any) -> Any:
-        return expert_from_raw(raws, st, "cpu", dtype)
-
-    cpu_copies = build_cpu if cuda and miss_policy != "fetch" else None
+    # Every tier keeps the GGUF bytes: RAM is the file's mmap, the disk tier reads them into its own buffers, and
+    # misses computed on the CPU run the native kernels on those same bytes (no second copy).
     if plan.experts_on == "ram":
-        store: Any = RamStore(stacks, build, pin=cuda, build_cpu=cpu_copies)
+        store: Any = RamStore(stacks)
     else:
-        store = DiskStore(stacks, build, plan.ram_expert_bytes, expert_bytes=sizes.expert_bytes, pin=cuda,
-                          drop_page_cache=drop_page_cache, build_cpu=cpu_copies)  # fmt: skip
-    first = stacks[layers[0]]
-    template = build(tuple(r.slice_bytes(0) for r in (first.gate, first.up, first.down)), first)
-    engine = ExpertEngine(store, layers, n_experts, predict, device, template, plan.slots_per_layer, cache_scope,
-                          lookahead, miss_policy)  # fmt: skip
+        store = DiskStore(stacks, plan.ram_expert_bytes, drop_page_cache=drop_page_cache)
+    engine = ExpertEngine(store, slots_per_layer=plan.slots_per_layer, lookahead=lookahead, miss_policy=miss_policy,
+                          **common)  # fmt: skip
     if isinstance(store, DiskStore):
         store.on_read = lambda layer, n: engine.stats_.add(layer, "bytes_disk", n)
     engine.plan, engine.stacks = plan, stacks

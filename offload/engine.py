@@ -8,6 +8,11 @@ worker thread. Every path computes an expert with the same `ExpertWeights.__call
 ascending id order, so logits do not depend on cache size, tier, prefetch or miss policy. On the CPU with
 experts kept as GGUF bytes, one token's experts run in one native `moe_one_token` call (ascending id order too),
 whichever tier each came from.
+
+Every slot is one row of a per-layer pool tensor holding an expert's GGUF bytes laid out by that layer's
+`ExpertSpec` (each layer its own types and size). On CUDA (and on the CPU under $LITE_DEVICE_KERNELS=triton) the
+pools are what the grouped device kernel reads: one `moe_ffn` call runs a layer's selected experts straight from
+their slot rows. On CUDA, bytes reach a slot through a fixed ring of pinned staging buffers.
 """
 
 from __future__ import annotations
@@ -19,14 +24,23 @@ from typing import Any
 
 import torch
 
-from offload.experts import ExpertWeights, moe_one_token
+from offload.experts import ExpertWeights, Raws, host_expert, moe_one_token, slot_expert, write_expert
 from offload.policy import Key, SlotLRU, prefetch_plan
+from offload.staging import StagingRing
 from offload.stats import ExpertStats
+from quant.device_kernels import ExpertSpec
+from quant import native
+from quant.qmatrix import NATIVE_TYPES, cpu_kernel, device_kernels_forced
 
 # Disk tier: a prefetch only moves predicted experts that are already in RAM. A speculative disk read costs more
 # than it brings: at this machine's ~1 GB/s a wrong 4.9 MB read holds the disk for 5 ms, and cold-read decode ran
 # 0.63x of the RAM tier with no such reads vs 0.31x with them (benchmarks/README.md "Offload").
 DISK_READS_PER_PREFETCH = 0
+STAGING_BUFFERS = 8  # pinned buffers in flight at once (CUDA): a layer's worth of top-6 copies, and some
+
+
+def _align(n: int) -> int:
+    return -(-n // 16) * 16
 
 
 class ExpertEngine:
@@ -35,16 +49,17 @@ class ExpertEngine:
     def __init__(
         self,
         store: Any,  # RamStore | DiskStore | None (None: every expert preloaded in `preloaded`)
+        *,
         layers: list[int],
         n_experts: int,
-        predict: Callable[[int, torch.Tensor], torch.Tensor] | None,
+        predict: Callable[[int, torch.Tensor, int], torch.Tensor] | None,
         device: torch.device,
-        template: ExpertWeights,
+        specs: dict[int, ExpertSpec],
         slots_per_layer: int,
         scope: str = "layer",
         lookahead: int = 1,
         miss_policy: str = "fetch",
-        preloaded: dict[Key, ExpertWeights] | None = None,
+        preloaded: dict[Key, Raws] | None = None,
     ):
         self.store = store
         self.layers = sorted(layers)
@@ -52,10 +67,12 @@ class ExpertEngine:
         self.predict = predict
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.fused = not self.cuda and template.native  # one-token calls go through moe_one_token
+        self.specs = specs
+        # slots are pool rows the grouped device kernel reads (CUDA, or its interpreted twin on the CPU)
+        self.pooled = self.cuda or device_kernels_forced()
         self.lookahead = lookahead if predict is not None else 0
         self.miss_policy = miss_policy
-        self.expert_bytes = template.nbytes
+        self.expert_bytes = max(spec.nbytes for spec in specs.values())
         self.lru = SlotLRU(self.layers, slots_per_layer, scope)
         self.slots_per_layer = slots_per_layer
         self.stats_ = ExpertStats(self.layers)
@@ -65,13 +82,29 @@ class ExpertEngine:
         self.last_use: dict[int, torch.cuda.Event] = {}  # slot -> compute done reading it (CUDA)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="lite-experts")
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
-        if preloaded is not None:  # everything resident: slots are the experts themselves
-            self.slots: list[ExpertWeights] = [None] * self.lru.n_slots  # type: ignore[list-item]
+        self.staging = StagingRing(STAGING_BUFFERS, _align(self.expert_bytes), pin=True) if self.cuda else None
+        self._hit_set: set[Key] = set()
+        self.native_layers = {  # CPU decode: one native call runs a token's experts (`moe_one_token`)
+            layer: not self.pooled and all(t in NATIVE_TYPES for t in (sp.gate_type, sp.up_type, sp.down_type))
+            and cpu_kernel() == "native" and native.available()
+            for layer, sp in specs.items()
+        }  # fmt: skip
+        self._views: dict[tuple[int, int], ExpertWeights] = {}  # (slot, layer) -> views of the slot's row
+        self.pools: list[torch.Tensor] = []  # one per slot group: uint8 [slots in the group, bytes per slot]
+        fixed = preloaded is not None and not self.pooled  # CPU, all resident: the mmap views themselves
+        if not fixed:
+            for g in range(self.lru.n_slots // self.lru.capacity):
+                width = self.expert_bytes if scope == "global" else specs[self.layers[g]].nbytes
+                self.pools.append(torch.zeros(self.lru.capacity, _align(width), dtype=torch.uint8, device=device))
+        if preloaded is not None:  # everything resident
             for key in sorted(preloaded):
                 slot, _ = self.lru.allocate(key)
-                self.slots[slot] = preloaded[key]
-        else:
-            self.slots = [template.empty_like(self.device) for _ in range(self.lru.n_slots)]
+                if fixed:
+                    self._views[(slot, key[0])] = host_expert(preloaded[key], specs[key[0]])
+                else:
+                    self._fill(key, slot, None, raws=preloaded[key])
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
         self.in_ram = store.has if store is not None and store.on_disk else None  # disk tier: is it in RAM?
         self.cpu_cost: tuple[float, float] | None = None  # seconds for 1 token, per extra token
         self.copy_s: float | None = None  # seconds to copy one expert to the device tier
@@ -79,24 +112,43 @@ class ExpertEngine:
             self._calibrate()
 
     # ---- mechanism -------------------------------------------------------------------------------
-    def _fill(self, key: Key, slot: int, last_use: torch.cuda.Event | None) -> torch.cuda.Event | None:
-        """Copy `key` from the host tier into `slot` (inline, or on the worker thread)."""
-        if not self.cuda:
-            self.slots[slot].copy_(self.store.read(key))
+    def _pool_row(self, slot: int) -> tuple[torch.Tensor, int]:
+        """The pool holding `slot` and its row there (SlotLRU numbers each group's slots consecutively)."""
+        return self.pools[slot // self.lru.capacity], slot % self.lru.capacity
+
+    def _slot_view(self, slot: int, layer: int) -> ExpertWeights:
+        view = self._views.get((slot, layer))
+        if view is None:
+            pool, row = self._pool_row(slot)
+            view = self._views[(slot, layer)] = slot_expert(pool[row], self.specs[layer])
+        return view
+
+    def _fill(
+        self, key: Key, slot: int, last_use: torch.cuda.Event | None, raws: Any = None
+    ) -> torch.cuda.Event | None:
+        """Copy `key`'s GGUF bytes from the host tier into `slot` (inline, or on the worker thread)."""
+        spec = self.specs[key[0]]
+        pool, row = self._pool_row(slot)
+        if raws is None:
+            raws = self.store.read_raw(key)
+        if not self.cuda:  # the pool is host memory: lay the bytes out in place
+            write_expert(pool[row], raws, spec)
             return None
-        with torch.cuda.stream(self.copy_stream):  # a disk read packs for CUDA on the GPU: keep it off compute
-            host = self.store.read(key)
-            dst = self.slots[slot]
+        assert self.staging is not None and self.copy_stream is not None
+        i, buf = self.staging.take()
+        write_expert(buf, raws, spec)  # pageable (mmap / disk buffer) -> pinned: a host memcpy
+        with torch.cuda.stream(self.copy_stream):
             if last_use is not None:  # the slot's previous expert may still be read by queued kernels
                 self.copy_stream.wait_event(last_use)
-            dst.copy_(host, non_blocking=True)
+            pool[row, : spec.nbytes].copy_(buf[: spec.nbytes], non_blocking=True)  # the one PCIe crossing
             done = torch.cuda.Event()
             done.record(self.copy_stream)
+        self.staging.release(i, done)
         return done
 
     def _issue(self, key: Key, slot: int) -> None:
         """Start bringing `key` into `slot` without waiting for it."""
-        self.stats_.add(key[0], "bytes_h2d", self.expert_bytes)
+        self.stats_.add(key[0], "bytes_h2d", self.specs[key[0]].nbytes)
         last = self.last_use.pop(slot, None)
         if self.cuda and not self.store.on_disk:
             self.events[slot] = self._fill(key, slot, last)  # asynchronous on the copy stream already
@@ -124,34 +176,27 @@ class ExpertEngine:
             self.stats_.add(layer, "stall_s", time.perf_counter() - t0)
         if late and not miss:
             self.stats_.add(layer, "hits_late")
-        return self.slots[slot]
+        return self._slot_view(slot, layer)
 
     def _host_expert(self, key: Key) -> ExpertWeights:
         """The host copy the CPU kernels run; disk reads go through the worker (it owns the RAM LRU)."""
         if not self.store.on_disk:
             return self.store.read_cpu(key)
         t0 = time.perf_counter()
-        ex = self.worker.submit(self._read_cpu_job, key).result()
+        ex = self.worker.submit(self.store.read_cpu, key).result()
         self.stats_.add(key[0], "stall_s", time.perf_counter() - t0)
         return ex
 
-    def _read_cpu_job(self, key: Key) -> ExpertWeights:
-        if not self.cuda:
-            return self.store.read_cpu(key)
-        with torch.cuda.stream(self.copy_stream):
-            return self.store.read_cpu(key)
-
     def _calibrate(self) -> None:
         """Measure one expert's copy time and CPU latency (1 and 8 tokens) for miss_policy="auto"."""
-        key = (self.layers[0], 0)
-        host = self.store.read(key)
-        slot = self.slots[0]
-        slot.copy_(host)  # warm up
+        key = (self.layers[0], 0)  # slot 0 is free and belongs to layers[0]'s group: scribbling on it is harmless
+        raws = self.store.read_raw(key)
+        self._fill(key, 0, None, raws)  # warm up
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         for _ in range(3):
-            slot.copy_(host, non_blocking=True)
+            self._fill(key, 0, None, raws)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.copy_s = (time.perf_counter() - t0) / 3
@@ -221,7 +266,9 @@ class ExpertEngine:
                 a += c
 
         keys = [(layer, e) for e in experts]
-        hits, to_cpu, to_fetch = [], [], []
+        hits: list[Key] = []
+        to_cpu: list[Key] = []
+        to_fetch: list[Key] = []
         for key in keys:
             if key in self.lru:
                 self.lru.touch(key)
@@ -246,8 +293,11 @@ class ExpertEngine:
             self._issue(key, got[0])
             issued.append(key)
 
+        self._hit_set = set(hits)
+        if self.pooled and not deferred and (ids.shape[0] == 1 or not to_cpu):
+            return self._grouped(layer, x, ids, weights, experts, hits + issued, to_cpu, scale)
         ys: dict[int, torch.Tensor] = {}
-        fused = self.fused and ids.shape[0] == 1
+        fused = ids.shape[0] == 1 and self.native_layers.get(layer, False)
         sources: dict[int, ExpertWeights] = {}  # fused: each expert's weights, all run at the end in one call
 
         def run_slot(key: Key, miss: bool) -> None:
@@ -292,6 +342,54 @@ class ExpertEngine:
                 out += ys[e] * scale[e]
             else:
                 out.index_add_(0, rows[e], ys[e] * scale[e].to(ys[e].dtype))
+        return out
+
+    def _grouped(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        experts: list[int],
+        on_device: list[Key],
+        to_cpu: list[Key],
+        scale: dict,
+    ) -> torch.Tensor:
+        """Every expert of the call that sits in a slot, run by one grouped device kernel from the pool rows; the
+        CPU-computed ones (decode only) added after, in ascending id order."""
+        from quant import device_kernels
+
+        rows: dict[int, int] = {}
+        for key in on_device:
+            slot = self.lru.lookup(key)
+            assert slot is not None
+            self._ready(slot, layer, miss=key not in self._hit_set)
+            rows[key[1]] = self._pool_row(slot)[1]
+        cpu_ys = [(e, self._host_expert((layer, e))(x.to("cpu")).to(x.device)) for _, e in to_cpu]
+        self.stats_.add(layer, "cpu_experts", len(cpu_ys))
+        pool = self._pool_row(self.lru.lookup(on_device[0]))[0] if on_device else None
+        if ids.shape[0] == 1:  # the columns in ascending expert id order, so the k-term sum has a fixed order
+            cols = [e for e in experts if e in rows]
+            slot_rows = torch.tensor([[rows[e] for e in cols]], dtype=torch.int32)
+            w = torch.tensor([[scale[e] for e in cols]], dtype=torch.float32)
+        else:
+            ids_sorted, perm = ids.sort(dim=1)
+            lut = torch.zeros(self.n_experts, dtype=torch.int32)
+            lut[list(rows)] = torch.tensor(list(rows.values()), dtype=torch.int32)
+            slot_rows, w = lut.to(ids.device)[ids_sorted], weights.gather(1, perm).float()
+        out = torch.zeros_like(x)
+        if pool is not None:
+            dev = x.device
+            out = device_kernels.moe_ffn(
+                x, pool, slot_rows.to(dev, non_blocking=True), w.to(dev, non_blocking=True), self.specs[layer]
+            )
+            if self.cuda:
+                used = torch.cuda.Event()
+                used.record(torch.cuda.current_stream(self.device))
+                for key in on_device:
+                    self.last_use[self.lru.lookup(key)] = used  # type: ignore[index]
+        for e, y in cpu_ys:
+            out += y * scale[e]
         return out
 
     # ---- stats --------------------------------------------------------------------------------

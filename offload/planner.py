@@ -1,8 +1,27 @@
 """Where the weights go: a plan from GGUF metadata and tensor sizes only (no weights are read).
 
-Device: attention, norms, routers, shared experts, dense layers, embeddings and output (the "dense" bytes),
-the latent cache for the context, a workspace reserve, and a cache of routed-expert slots in what is left.
-Host: the routed experts, in RAM when they fit the RAM budget, else on disk (the GGUF) behind a RAM LRU.
+Every count is the bytes actually allocated. Every weight keeps its GGUF bytes: on CUDA each 2-D weight sits on the
+device as its GGUF blocks (the Triton kernels multiply them), so a routed expert in a device slot is its file bytes
+(laid out at 16-byte-aligned offsets, `ExpertSpec`); in RAM an expert is the file's own mmap pages; the disk tier
+reads it into one buffer of the slot layout. Dense exceptions, as `lite/weights.py` loads them: 1-D tensors (norms)
+at the compute dtype, the routers (`ffn_gate_inp`) in float32, and the absorbed-attention factors `attn_k_b` /
+`attn_v_b` (or the legacy `attn_kv_b`) dequantized to the compute dtype. The token embedding stays on the CPU as the
+file's mmap (only looked-up rows are dequantized): it is RAM, never device memory.
+
+CUDA: the device holds the dense weights, the latent cache for the context, a workspace reserve and a cache of
+routed-expert slots in what is left (`gpu_memory`). The routed experts live in RAM (the mmap) when they fit
+`ram_memory`, else on disk behind a RAM LRU that gets the whole `ram_memory` (less the pinned staging ring).
+
+CPU: the device tier is RAM, so one budget, `ram_memory`, bounds the latent cache, the expert slots and the host
+tier of experts together; the dense weights, the embedding and the reserve come on top (so RAM in all stays within
+`ram_memory` + dense + reserve). All experts resident (the mmap itself, no copies) when they fit; otherwise the
+disk tier, where the slots take min(2 x top-k, n_experts) per layer but at most half of what `ram_memory` leaves
+after the latent cache, and the RAM LRU gets the rest. `gpu_memory`, when given on CPU, additionally caps the
+device tier (dense + latent + reserve + slots), as it does on CUDA.
+
+Per-layer sizes: llama.cpp's Q4_K_M files give `ffn_down_exps` different types on different layers (Q6_K on its
+"more bits" layers, Q5_0/Q8_0 where rows are not 256-aligned), so one expert's bytes differ per layer; a slot in
+layer l has layer l's size, and the cache is slots x the sum over layers. `expert_bytes` is the largest.
 """
 
 from __future__ import annotations
@@ -16,11 +35,21 @@ from quant.errors import LiteError
 GiB = 1024**3
 MiB = 1024**2
 EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+EMBEDDING = "token_embd.weight"
+# Loaded dense whatever their GGUF type (lite/weights.py): attention's absorbed factors, at the compute dtype...
+DENSE_LOADED = re.compile(r"\.attn_(k_b|v_b|kv_b)\.weight$")
+# ...and the routers, always float32.
+FLOAT32_LOADED = re.compile(r"\.ffn_gate_inp\.weight$")
 # Kept free on the device for activations, logits and the allocator's slack (prefill chunks of a few hundred
 # tokens at V2 widths need ~1 GiB; a tiny model needs almost nothing, so scale with the dense bytes).
 DEVICE_RESERVE_MAX = 1 * GiB
 # Kept free in RAM for Python, torch and the OS when the budget is the machine's available memory.
 RAM_RESERVE = 2 * GiB
+# Kept free of the measured free VRAM when the device budget is not given.
+VRAM_RESERVE = 256 * MiB
+# CUDA: pinned host buffers every host -> device expert copy goes through (offload/engine.py's STAGING_BUFFERS).
+STAGING_BUFFERS = 8
+ALIGN = 16  # the offsets of gate, up and down inside a slot, and a slot row's width (quant.device_kernels)
 
 
 def parse_size(value: int | float | str | None, what: str = "size") -> int | None:
@@ -49,20 +78,53 @@ def format_bytes(n: int | float) -> str:
     return f"{int(n)} B"
 
 
-INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def gguf_nbytes(qtype: Any, shape: tuple[int, ...]) -> int:
+    """The GGUF bytes of a tensor of `shape` (torch order: the last dim is the row) and `qtype`."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+    return _numel(shape) // block * size
 
 
 def memory_bytes(qtype: Any, shape: tuple[int, ...], dtype_bytes: int = 2, device: str = "cuda") -> int:
-    """Bytes a tensor takes once loaded for `device` (see `quant.qmatrix.loaded_nbytes`); 1-D tensors (norms)
-    and anything QMatrix does not hold are dense values of `dtype_bytes`."""
-    if len(shape) >= 2:
-        from quant.qmatrix import loaded_nbytes
+    """Bytes a weight takes once loaded for `device`: on CUDA a 2-D (or stacked) weight is its GGUF bytes; on the
+    CPU what `quant.qmatrix.loaded_nbytes` says; 1-D tensors (norms) are dense values of `dtype_bytes`."""
+    if len(shape) < 2:
+        return _numel(shape) * dtype_bytes
+    if device.startswith("cuda"):
+        return gguf_nbytes(qtype, shape)
+    from quant.qmatrix import loaded_nbytes
 
-        return loaded_nbytes(qtype, shape, "cuda" if device.startswith("cuda") else "cpu", dtype_bytes)
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel * dtype_bytes
+    return loaded_nbytes(qtype, shape, "cpu", dtype_bytes)
+
+
+def tensor_bytes(name: str, t: Any, dtype_bytes: int, device: str) -> int:
+    """Bytes a non-expert tensor of the file takes on `device` once loaded (see the module docstring)."""
+    shape = tuple(int(d) for d in t.shape)
+    if FLOAT32_LOADED.search(name):
+        return _numel(shape) * 4
+    if len(shape) < 2 or DENSE_LOADED.search(name):
+        return _numel(shape) * dtype_bytes
+    if device.startswith("cuda"):
+        return int(t.nbytes)
+    return memory_bytes(t.qtype, shape, dtype_bytes, "cpu")
+
+
+def slot_bytes(gate: int, up: int, down: int) -> int:
+    """One expert in a slot row (and a disk-tier buffer): gate, up and down at 16-byte-aligned offsets, the row
+    16-byte aligned (`quant.device_kernels.ExpertSpec.packed` and offload/engine.py's pools)."""
+    return _align(_align(_align(gate) + up) + down)
 
 
 @dataclass
@@ -74,14 +136,45 @@ class ModelSizes:
     n_experts: int
     experts_per_token: int
     latent_per_token_layer: int  # kv_lora_rank + qk_rope_head_dim values
-    dense_bytes: int  # every tensor that is not a routed expert, as loaded
-    expert_bytes: int  # one expert (gate + up + down) as loaded: packed int4
-    expert_file_bytes: int  # one expert in the GGUF (what the disk tier reads)
+    dense_bytes: int  # every tensor but the routed experts and the token embedding, as loaded on the device
+    expert_bytes: int  # one expert in a device slot, the largest layer's (a slot's size when one pool serves all)
+    expert_file_bytes: int  # one expert in the GGUF, the largest layer's (what the disk tier reads)
     context_length: int
+    expert_bytes_by_layer: dict[int, int] = field(default_factory=dict)  # one expert in a slot, per MoE layer
+    expert_file_bytes_by_layer: dict[int, int] = field(default_factory=dict)  # one expert in the file, per layer
+    embedding_bytes: int = 0  # the token embedding: the file's mmap, in RAM on every device
+
+    def layer_bytes(self, layer: int) -> int:
+        """One expert of `layer` in a device slot (or a disk-tier buffer)."""
+        return self.expert_bytes_by_layer.get(layer, self.expert_bytes)
+
+    def layer_file_bytes(self, layer: int) -> int:
+        """One expert of `layer` in the GGUF (and in RAM: the mmap pages)."""
+        if layer in self.expert_file_bytes_by_layer:
+            return self.expert_file_bytes_by_layer[layer]
+        if not self.expert_file_bytes_by_layer and layer in self.expert_bytes_by_layer:
+            return self.expert_bytes_by_layer[layer]  # sizes built from slot layouts only
+        return self.expert_file_bytes
+
+    @property
+    def slot_set_bytes(self) -> int:
+        """One slot in every MoE layer: the sum over layers of that layer's expert bytes."""
+        return sum(self.layer_bytes(i) for i in self.moe_layers)
+
+    @property
+    def file_set_bytes(self) -> int:
+        """One expert of every MoE layer in the file."""
+        return sum(self.layer_file_bytes(i) for i in self.moe_layers)
 
     @property
     def expert_total(self) -> int:
-        return self.expert_bytes * self.n_experts * len(self.moe_layers)
+        """Every routed expert in slots (all resident on the device)."""
+        return self.slot_set_bytes * self.n_experts
+
+    @property
+    def expert_file_total(self) -> int:
+        """Every routed expert in the file (and in RAM as the mmap)."""
+        return self.file_set_bytes * self.n_experts
 
     def latent_bytes(self, ctx: int, dtype_bytes: int) -> int:
         return self.n_layers * self.latent_per_token_layer * dtype_bytes * ctx
@@ -101,97 +194,219 @@ def model_sizes(
         return v
 
     n_experts = int(key("expert_count", 0))
-    per_expert: dict[int, list[int]] = {}
-    dense = 0
+    parts: dict[int, dict[str, int]] = {}  # layer -> {gate, up, down: GGUF bytes of one expert}
+    dense = embedding = 0
     for name, t in tensors.items():
         m = EXPERT_TENSOR.match(name)
         if m:
-            acc = per_expert.setdefault(int(m.group(1)), [0, 0])
-            acc[0] += memory_bytes(t.qtype, tuple(t.shape), dtype_bytes, device)
-            acc[1] += int(t.nbytes)
+            parts.setdefault(int(m.group(1)), {})[m.group(2)] = int(t.nbytes) // max(int(t.shape[0]), 1)
+        elif name == EMBEDDING:
+            embedding = int(t.nbytes)
+            if "output.weight" not in tensors:  # tied: the output matrix is the embedding, loaded on the device
+                dense += tensor_bytes("output.weight", t, dtype_bytes, device)
         else:
-            dense += memory_bytes(t.qtype, tuple(t.shape), dtype_bytes, device)
-    moe_layers = sorted(per_expert)
-    mem = max((v[0] for v in per_expert.values()), default=0) // max(n_experts, 1)
-    file = max((v[1] for v in per_expert.values()), default=0) // max(n_experts, 1)
+            dense += tensor_bytes(name, t, dtype_bytes, device)
+    file_by_layer = {i: sum(p.values()) for i, p in parts.items()}
+    slot_by_layer = {i: slot_bytes(p.get("gate", 0), p.get("up", 0), p.get("down", 0)) for i, p in parts.items()}
     return ModelSizes(
         n_layers=int(key("block_count")),
-        moe_layers=moe_layers,
+        moe_layers=sorted(parts),
         n_experts=n_experts,
         experts_per_token=int(key("expert_used_count", 0)),
         latent_per_token_layer=int(key("attention.kv_lora_rank")) + int(key("rope.dimension_count")),
         dense_bytes=dense,
-        expert_bytes=mem,
-        expert_file_bytes=file,
+        expert_bytes=max(slot_by_layer.values(), default=0),
+        expert_file_bytes=max(file_by_layer.values(), default=0),
         context_length=int(key("context_length", 4096)),
+        expert_bytes_by_layer=slot_by_layer,
+        expert_file_bytes_by_layer=file_by_layer,
+        embedding_bytes=embedding,
     )
 
 
 @dataclass
 class Plan:
-    """The placement, with bytes. `experts_on`: "device" (all experts in device slots), "ram" or "disk"."""
+    """The placement, with bytes. `experts_on`: "device" (all experts in the device tier), "ram" or "disk".
+
+    `ram_expert_bytes` is the host tier: every expert's file bytes (the mmap) for "ram", the LRU budget for
+    "disk", 0 for "device". On CPU the device tier is RAM too: `device_total` is then part of `ram_total`."""
 
     device: str
     ctx: int
-    gpu_budget: int
+    gpu_budget: int | None  # None: no separate device cap (CPU without gpu_memory)
     ram_budget: int
     dense_bytes: int
     latent_bytes: int
     reserve_bytes: int
-    expert_bytes: int
-    expert_total: int
+    expert_bytes: int  # one expert in a slot, the largest layer's
+    expert_total: int  # every expert in the host tier's form (the file's bytes)
     experts_on: str
     slots_per_layer: int
     n_experts: int
     moe_layers: list[int]
     ram_expert_bytes: int  # bytes of experts held in RAM (all, or the disk tier's LRU budget)
     notes: list[str] = field(default_factory=list)
+    experts_per_token: int = 0
+    expert_file_bytes: int = 0  # one expert in the file, the largest layer's
+    expert_bytes_by_layer: dict[int, int] = field(default_factory=dict)
+    expert_file_bytes_by_layer: dict[int, int] = field(default_factory=dict)
+    embedding_bytes: int = 0  # the token embedding: the file's mmap, in RAM
+    staging_bytes: int = 0  # CUDA: the pinned staging ring for host -> device copies
+    cache_bytes: int = 0  # the device tier's experts: slots x sum over layers (or all resident)
 
     @property
-    def cache_bytes(self) -> int:
-        return self.slots_per_layer * len(self.moe_layers) * self.expert_bytes
+    def cpu(self) -> bool:
+        return not self.device.startswith("cuda")
 
     @property
     def device_total(self) -> int:
         return self.dense_bytes + self.latent_bytes + self.reserve_bytes + self.cache_bytes
 
+    def ram_parts(self) -> dict[str, int]:
+        """RAM by part. On CPU the device tier (dense, latent cache, reserve, expert slots) is RAM as well."""
+        cpu = self.cpu
+        return {
+            "experts": self.ram_expert_bytes,
+            "expert_cache": self.cache_bytes if cpu else 0,
+            "latent_cache": self.latent_bytes if cpu else 0,
+            "staging": self.staging_bytes,
+            "dense": self.dense_bytes if cpu else 0,
+            "embedding": self.embedding_bytes,
+            "reserve": self.reserve_bytes if cpu else 0,
+        }
+
+    @property
+    def ram_budgeted(self) -> int:
+        """The part of RAM that `ram_memory` bounds (everything but the dense weights, embedding and reserve)."""
+        p = self.ram_parts()
+        return p["experts"] + p["expert_cache"] + p["latent_cache"] + p["staging"]
+
+    @property
+    def ram_total(self) -> int:
+        return sum(self.ram_parts().values())
+
+    def ram_bytes_per_expert(self, layer: int) -> int:
+        """One expert of `layer` in RAM under this plan: a disk-tier LRU buffer (the slot layout), else the file's
+        mmap pages (the RAM tier, and CPU experts all resident)."""
+        if self.experts_on == "disk":
+            return self.expert_bytes_by_layer.get(layer, self.expert_bytes)
+        return self.expert_file_bytes_by_layer.get(layer, self.expert_file_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as one JSON-able object (the schema `lite plan --json` prints; see README.md)."""
+        layers = list(self.moe_layers)
+        by_layer = {
+            str(i): {
+                "file": self.expert_file_bytes_by_layer.get(i, self.expert_file_bytes),
+                "ram": self.ram_bytes_per_expert(i),
+                "device": self.expert_bytes_by_layer.get(i, self.expert_bytes),
+            }
+            for i in layers
+        }
+
+        def largest(kind: str) -> int:
+            return max((v[kind] for v in by_layer.values()), default=0)
+
+        def mean(kind: str) -> float:
+            return sum(v[kind] for v in by_layer.values()) / max(len(by_layer), 1)
+
+        ram = self.ram_parts()
+        ram.update(total=self.ram_total, budgeted=self.ram_budgeted, budget=self.ram_budget)
+        return {
+            "device": self.device,
+            "ctx": self.ctx,
+            "experts_on": self.experts_on,
+            "slots_per_layer": self.slots_per_layer,
+            "n_experts": self.n_experts,
+            "experts_per_token": self.experts_per_token,
+            "moe_layers": layers,
+            "bytes_per_expert_file": largest("file"),
+            "bytes_per_expert_ram": largest("ram"),
+            "bytes_per_expert_device": largest("device"),
+            "bytes_per_expert_mean": {k: mean(k) for k in ("file", "ram", "device")},
+            "bytes_per_expert_by_layer": by_layer,
+            "budgets": {"gpu_memory": self.gpu_budget, "ram_memory": self.ram_budget},
+            "device_bytes": {
+                "dense": self.dense_bytes,
+                "latent_cache": self.latent_bytes,
+                "reserve": self.reserve_bytes,
+                "expert_cache": self.cache_bytes,
+                "total": self.device_total,
+                "budget": self.gpu_budget,
+            },
+            "ram_bytes": ram,
+            "disk_bytes": {"experts": self.expert_total if self.experts_on == "disk" else 0},
+            "notes": list(self.notes),
+        }
+
     def rows(self) -> list[tuple[str, str, str]]:
         """(what, where, bytes) rows for a table."""
-        dev = self.device
-        host = {"device": "-", "ram": "RAM", "disk": "disk (GGUF) + RAM LRU"}[self.experts_on]
+        dev = "cpu (RAM)" if self.cpu else self.device
+        host = {"device": dev, "ram": "RAM (the file's mmap)", "disk": "disk (GGUF) + RAM LRU"}[self.experts_on]
+        n_layers = len(self.moe_layers)
+        sizes = set(self.expert_bytes_by_layer.values()) or {self.expert_bytes}
+        each = format_bytes(max(sizes)) if len(sizes) == 1 else f"{format_bytes(min(sizes))}-{format_bytes(max(sizes))}"
+        if self.experts_on == "device":
+            cache_what = f"routed experts, all {self.n_experts} x {n_layers} layers resident"
+        else:
+            cache_what = f"expert cache: {self.slots_per_layer} of {self.n_experts} slots x {n_layers} layers"
         rows = [
-            (
-                "dense weights: attention, norms, routers, shared experts, embeddings",
-                dev,
-                format_bytes(self.dense_bytes),
-            ),
+            ("dense weights: attention, norms, routers, shared experts, dense FFN, output", dev,
+             format_bytes(self.dense_bytes)),
+            ("token embedding (the file's mmap; looked-up rows only)", "RAM", format_bytes(self.embedding_bytes)),
             (f"latent cache ({self.ctx} tokens)", dev, format_bytes(self.latent_bytes)),
             ("workspace reserve", dev, format_bytes(self.reserve_bytes)),
-            (
-                f"expert cache: {self.slots_per_layer} of {self.n_experts} slots x {len(self.moe_layers)} layers",
-                dev,
-                format_bytes(self.cache_bytes),
-            ),
-            (f"routed experts ({format_bytes(self.expert_bytes)} each)", host, format_bytes(self.expert_total)),
-        ]
+            (f"{cache_what} ({each} per expert)", dev, format_bytes(self.cache_bytes)),
+        ]  # fmt: skip
+        if self.experts_on != "device":
+            file_each = format_bytes(self.expert_file_bytes)
+            rows.append((f"routed experts (up to {file_each} each in the file)", host, format_bytes(self.expert_total)))
         if self.experts_on == "disk":
             rows.append(("RAM LRU over the disk tier", "RAM", format_bytes(self.ram_expert_bytes)))
-        rows.append((f"device total (budget {format_bytes(self.gpu_budget)})", dev, format_bytes(self.device_total)))
+        if self.staging_bytes:
+            rows.append(("pinned staging for host -> device copies", "RAM", format_bytes(self.staging_bytes)))
+        budget = "no separate cap" if self.gpu_budget is None else f"budget {format_bytes(self.gpu_budget)}"
+        rows.append((f"device total ({budget})", dev, format_bytes(self.device_total)))
+        rows.append(
+            (f"RAM total ({format_bytes(self.ram_budgeted)} of the {format_bytes(self.ram_budget)} RAM budget)",
+             "RAM", format_bytes(self.ram_total))
+        )  # fmt: skip
         return rows
 
 
-def default_budgets(device: str) -> tuple[int, int]:
-    """(gpu_memory, ram_memory) defaults: free VRAM minus a reserve (the workspace is planned separately), and
-    available RAM minus `RAM_RESERVE`. On CPU the "device" is RAM too, so it gets the RAM figure."""
+def default_ram() -> int:
+    """Available RAM minus `RAM_RESERVE` (psutil; works on any machine)."""
     import psutil
 
-    ram = max(psutil.virtual_memory().available - RAM_RESERVE, 0)
-    if device.startswith("cuda"):
-        import torch
+    return max(psutil.virtual_memory().available - RAM_RESERVE, 0)
 
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return max(free - 256 * MiB, 0), ram
-    return ram, ram
+
+def default_gpu(device: str) -> int:
+    """Free VRAM on `device` minus `VRAM_RESERVE` (the workspace is planned separately). Without a GPU there is
+    nothing to measure: a one-line `LiteError` asks for the budget."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LiteError(
+            f"planning for {device} on a machine without a CUDA device needs the device budget: give --gpu-mem"
+            " (gpu_memory), e.g. --gpu-mem 24GiB"
+        )
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return max(free - VRAM_RESERVE, 0)
+
+
+def default_budgets(device: str) -> tuple[int, int]:
+    """(gpu_memory, ram_memory) defaults: free VRAM minus a reserve, and available RAM minus `RAM_RESERVE`. On CPU
+    the "device" is RAM too, so it gets the RAM figure (make_plan then uses ram_memory as the one budget)."""
+    ram = default_ram()
+    return (default_gpu(device) if device.startswith("cuda") else ram), ram
+
+
+def _ctx_hint(sizes: ModelSizes, room: int, cache_dtype_bytes: int) -> str:
+    """ "a context of at most N tokens (--ctx N), or " when `room` bytes hold a useful context."""
+    per_token = sizes.n_layers * sizes.latent_per_token_layer * cache_dtype_bytes
+    fits = room // per_token if per_token else 0
+    return f"a context of at most {fits} tokens (--ctx {fits}), or " if fits >= 256 else ""
 
 
 def make_plan(
@@ -204,78 +419,147 @@ def make_plan(
     experts_on: str = "auto",
     expert_cache: int | str | None = None,
 ) -> Plan:
-    """Decide what goes where; refuse budgets that cannot be met, saying what would fit."""
+    """Decide what goes where; refuse budgets that cannot be met, saying what would fit (one line)."""
     if experts_on not in ("auto", "device", "ram", "disk"):
         raise LiteError(f"experts_on must be auto, device, ram or disk (got {experts_on!r})")
+    cuda = device.startswith("cuda")
     gpu = parse_size(gpu_memory, "gpu_memory")
     ram = parse_size(ram_memory, "ram_memory")
-    if gpu is None or ram is None:
-        dg, dr = default_budgets(device)
-        gpu = dg if gpu is None else gpu
-        ram = dr if ram is None else ram
+    notes: list[str] = []
+    if cuda and gpu is None:
+        gpu = default_gpu(device)
+        notes.append(f"device budget: free VRAM minus {format_bytes(VRAM_RESERVE)} = {format_bytes(gpu)}")
+    if ram is None:
+        ram = default_ram()
+        notes.append(f"RAM budget: available RAM minus {format_bytes(RAM_RESERVE)} = {format_bytes(ram)}")
     ctx = int(ctx or sizes.context_length)
     if ctx <= 0:
         raise LiteError(f"context must be positive (got {ctx})")
+    n, k = sizes.n_experts, sizes.experts_per_token
+    n_moe = len(sizes.moe_layers)
     reserve = min(DEVICE_RESERVE_MAX, sizes.dense_bytes // 8)
     latent = sizes.latent_bytes(ctx, cache_dtype_bytes)
-    n_moe = len(sizes.moe_layers)
-    fixed = sizes.dense_bytes + latent + reserve
-    active = sizes.experts_per_token
-    # Fewest slots that make progress: one per MoE layer (experts of a token are then run one after another).
-    min_cache = n_moe * sizes.expert_bytes
-    if fixed + min_cache > gpu:
-        per_token = sizes.n_layers * sizes.latent_per_token_layer * cache_dtype_bytes
-        room = gpu - sizes.dense_bytes - reserve - min_cache
-        fits_ctx = room // per_token if per_token else 0
-        hint = f"a context of at most {fits_ctx} tokens (--ctx {fits_ctx}), or " if fits_ctx >= 256 else ""
+    fixed = sizes.dense_bytes + latent + reserve  # the device tier before any expert
+    slot_set = max(sizes.slot_set_bytes, 1)  # one slot in every MoE layer
+    file_all = sizes.expert_file_total  # every expert as the file's bytes (the RAM tier: the mmap)
+    lru_each = max(sizes.expert_bytes, 1)  # a disk-tier buffer, the largest layer's
+    lru_min = 2 * max(k, 1) * lru_each
+    if expert_cache is not None:
+        want: int | None = _slots_from_option(expert_cache, sizes)
+    else:
+        want = None
+
+    if gpu is not None and fixed + slot_set > gpu:
+        hint = _ctx_hint(sizes, gpu - sizes.dense_bytes - reserve - slot_set, cache_dtype_bytes)
         raise LiteError(
             f"the device budget {format_bytes(gpu)} cannot hold the dense weights"
             f" ({format_bytes(sizes.dense_bytes)}) + latent cache for {ctx} tokens ({format_bytes(latent)})"
-            f" + reserve ({format_bytes(reserve)}) + one expert slot per layer ({format_bytes(min_cache)});"
-            f" use {hint}a device budget of at least"
-            f" {format_bytes(fixed + min_cache)} (--gpu-mem)"
+            f" + reserve ({format_bytes(reserve)}) + one expert slot per layer ({format_bytes(slot_set)});"
+            f" use {hint}a device budget of at least {format_bytes(fixed + slot_set)} (--gpu-mem)"
         )
-    free_slots = (gpu - fixed) // max(sizes.expert_bytes, 1) // max(n_moe, 1)
-    slots = min(int(free_slots), sizes.n_experts)
-    if expert_cache is not None:
-        want = _slots_from_option(expert_cache, sizes)
-        if want > slots:
+    gpu_slots = n if gpu is None else min((gpu - fixed) // slot_set, n)  # what the device cap allows
+
+    if cuda:
+        assert gpu is not None
+        staging = STAGING_BUFFERS * _align(sizes.expert_bytes)
+        slots = gpu_slots
+        if want is not None:
+            if want > slots:
+                raise LiteError(
+                    f"expert_cache of {want} slots per layer needs {format_bytes(fixed + want * slot_set)} on the"
+                    f" device but the budget is {format_bytes(gpu)}; use at most {slots} slots or a larger --gpu-mem"
+                )
+            slots = want
+        all_fit = gpu_slots >= n
+        if experts_on == "device" and not all_fit:
+            need = fixed + n * slot_set
             raise LiteError(
-                f"expert_cache of {want} slots per layer needs {format_bytes(fixed + want * min_cache)} on the device"
-                f" but the budget is {format_bytes(gpu)}; use at most {slots} slots or a larger --gpu-mem"
+                f"experts_on=device needs {format_bytes(need)} on the device for all experts but the budget is"
+                f" {format_bytes(gpu)}; use experts_on=auto (an expert cache of {slots} slots per layer) or"
+                f" --gpu-mem {format_bytes(need)}"
             )
-        slots = want
-    notes: list[str] = []
-    all_fit = slots >= sizes.n_experts
-    if experts_on == "device" and not all_fit:
-        need = fixed + sizes.n_experts * min_cache
-        raise LiteError(
-            f"experts_on=device needs {format_bytes(need)} on the device for all experts but the budget is"
-            f" {format_bytes(gpu)}; use experts_on=auto (an expert cache of {slots} slots per layer) or --gpu-mem"
-            f" {format_bytes(need)}"
-        )
-    total = sizes.expert_total
-    if experts_on == "auto":
-        experts_on = "device" if all_fit and expert_cache is None else ("ram" if total <= ram else "disk")
-    if experts_on == "ram" and total > ram:
-        raise LiteError(
-            f"the routed experts need {format_bytes(total)} of RAM but the RAM budget is {format_bytes(ram)};"
-            f" use experts_on=disk (a RAM LRU over the GGUF) or --ram {format_bytes(total)}"
-        )
-    if experts_on == "disk":
-        ram_experts = min(ram, total) // max(sizes.expert_bytes, 1) * sizes.expert_bytes
-        if ram_experts < 2 * active * sizes.expert_bytes:
-            raise LiteError(
-                f"the RAM budget {format_bytes(ram)} holds fewer than {2 * active} experts for the disk tier's LRU;"
-                f" use --ram {format_bytes(2 * active * sizes.expert_bytes)} or more"
-            )
-        notes.append(f"experts are read from disk; the RAM LRU holds {ram_experts // sizes.expert_bytes} experts")
-    elif experts_on == "ram":
-        ram_experts = total
+        if experts_on == "auto":
+            experts_on = "device" if all_fit and want is None else ("ram" if file_all + staging <= ram else "disk")
+        if experts_on == "device":
+            slots, staging, ram_experts, cache = n, 0, 0, n * slot_set
+        elif experts_on == "ram":
+            if file_all + staging > ram:
+                raise LiteError(
+                    f"the routed experts need {format_bytes(file_all)} of RAM (+ {format_bytes(staging)} of pinned"
+                    f" staging) but the RAM budget is {format_bytes(ram)}; use experts_on=disk (a RAM LRU over the"
+                    f" GGUF) or --ram {format_bytes(file_all + staging)}"
+                )
+            ram_experts, cache = file_all, slots * slot_set
+        else:
+            ram_experts = min(ram - staging, n * sizes.slot_set_bytes)
+            if ram_experts < lru_min:
+                raise LiteError(
+                    f"the RAM budget {format_bytes(ram)} holds fewer than {2 * k} experts"
+                    f" ({format_bytes(lru_min)}) for the disk tier's LRU beside {format_bytes(staging)} of pinned"
+                    f" staging; use --ram {format_bytes(lru_min + staging)} or more"
+                )
+            cache = slots * slot_set
     else:
-        ram_experts = 0
-    if experts_on != "device" and slots < active:
-        notes.append(f"{slots} expert slots per layer is fewer than the {active} active experts: expect many misses")
+        staging = 0
+        room = ram - latent  # for experts, in the one RAM budget
+        if room < slot_set:
+            hint = _ctx_hint(sizes, ram - slot_set, cache_dtype_bytes)
+            raise LiteError(
+                f"the RAM budget {format_bytes(ram)} cannot hold the latent cache for {ctx} tokens"
+                f" ({format_bytes(latent)}) + one expert slot per layer ({format_bytes(slot_set)}); use {hint}a RAM"
+                f" budget of at least {format_bytes(latent + slot_set + lru_min)} (--ram)"
+            )
+        device_fits = file_all <= room and (gpu is None or fixed + file_all <= gpu)
+        if experts_on == "device" and not device_fits:
+            need = latent + file_all
+            raise LiteError(
+                f"experts_on=device needs {format_bytes(need)} of the RAM budget for the latent cache and all"
+                f" experts but it is {format_bytes(ram)}"
+                + ("" if gpu is None else f" (device cap {format_bytes(gpu)})")
+                + f"; use experts_on=auto (the disk tier) or --ram {format_bytes(need)}"
+            )
+        ram_slots = min((room - file_all) // slot_set, gpu_slots) if room >= file_all else 0
+        if experts_on == "auto":
+            if device_fits and want is None:
+                experts_on = "device"
+            elif ram_slots >= max(want or 1, 1):
+                experts_on = "ram"
+            else:
+                experts_on = "disk"
+        target = want if want is not None else min(2 * max(k, 1), n)
+        if experts_on == "device":
+            slots, ram_experts, cache = n, 0, file_all  # the mmap itself: no copies
+        elif experts_on == "ram":
+            if ram_slots < max(want or 1, 1):
+                need = latent + file_all + max(want or 1, 1) * slot_set
+                raise LiteError(
+                    f"experts_on=ram on the CPU needs {format_bytes(need)} of the RAM budget (latent cache, all"
+                    f" experts, {max(want or 1, 1)} slots per layer) but it is {format_bytes(ram)}; use"
+                    f" experts_on=disk or --ram {format_bytes(need)}"
+                )
+            slots = min(target, ram_slots)
+            ram_experts, cache = file_all, slots * slot_set
+        else:
+            fit = min((room - lru_min) // slot_set, gpu_slots)  # the most slots beside the smallest LRU
+            if fit < max(want or 1, 1):
+                need = latent + max(want or 1, 1) * slot_set + lru_min
+                raise LiteError(
+                    f"the RAM budget {format_bytes(ram)} cannot hold the latent cache for {ctx} tokens"
+                    f" ({format_bytes(latent)}) + {max(want or 1, 1)} expert slots per layer"
+                    f" ({format_bytes(max(want or 1, 1) * slot_set)}) + a disk-tier LRU of {2 * k} experts"
+                    f" ({format_bytes(lru_min)}); use --ram {format_bytes(need)} or more"
+                )
+            slots = want if want is not None else max(min(target, room // 2 // slot_set, fit), 1)
+            cache = slots * slot_set
+            ram_experts = min(room - cache, n * sizes.slot_set_bytes)
+
+    if experts_on == "disk":
+        held = ram_experts * n_moe // max(sizes.slot_set_bytes, 1)
+        notes.append(
+            f"experts are read from disk; the RAM LRU holds {format_bytes(ram_experts)} (about {held} experts)"
+        )
+    if experts_on != "device" and slots < k:
+        notes.append(f"{slots} expert slots per layer is fewer than the {k} active experts: expect many misses")
     return Plan(
         device=device,
         ctx=ctx,
@@ -285,13 +569,20 @@ def make_plan(
         latent_bytes=latent,
         reserve_bytes=reserve,
         expert_bytes=sizes.expert_bytes,
-        expert_total=total,
+        expert_total=file_all,
         experts_on=experts_on,
-        slots_per_layer=sizes.n_experts if experts_on == "device" else slots,
-        n_experts=sizes.n_experts,
+        slots_per_layer=slots,
+        n_experts=n,
         moe_layers=list(sizes.moe_layers),
         ram_expert_bytes=ram_experts,
         notes=notes,
+        experts_per_token=k,
+        expert_file_bytes=sizes.expert_file_bytes,
+        expert_bytes_by_layer={i: sizes.layer_bytes(i) for i in sizes.moe_layers},
+        expert_file_bytes_by_layer={i: sizes.layer_file_bytes(i) for i in sizes.moe_layers},
+        embedding_bytes=sizes.embedding_bytes,
+        staging_bytes=staging if experts_on != "device" else 0,
+        cache_bytes=cache,
     )
 
 
@@ -299,12 +590,12 @@ def _slots_from_option(expert_cache: int | str, sizes: ModelSizes) -> int:
     """`expert_cache`: slots per layer (an int up to n_experts) or bytes (an int above that, or a size string)."""
     if isinstance(expert_cache, int) and 0 < expert_cache <= sizes.n_experts:
         return expert_cache
-    n = parse_size(expert_cache, "expert_cache")
-    slots = n // max(sizes.expert_bytes * len(sizes.moe_layers), 1)
+    n = parse_size(expert_cache, "expert_cache") or 0
+    slots = n // max(sizes.slot_set_bytes, 1)
     if slots < 1:
         raise LiteError(
             f"expert_cache {expert_cache!r} is less than one slot per layer"
-            f" ({format_bytes(sizes.expert_bytes * len(sizes.moe_layers))}); give slots per layer or more bytes"
+            f" ({format_bytes(sizes.slot_set_bytes)}); give slots per layer or more bytes"
         )
     return min(int(slots), sizes.n_experts)
 

@@ -87,8 +87,27 @@ def cpu_kernel(kernel: str | None = None) -> str:
     return kernel
 
 
+def device_kernels_forced() -> bool:
+    """$LITE_DEVICE_KERNELS=triton: run the device (Triton) kernels on CPU tensors too, interpreted, so the GPU code
+    path's logits can be compared with the CPU path's on any machine."""
+    mode = os.environ.get("LITE_DEVICE_KERNELS", "")
+    if mode not in ("", "triton"):
+        raise LiteError(f"unknown LITE_DEVICE_KERNELS={mode!r}: use triton, or leave it unset")
+    if mode == "triton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors: Triton's interpreter runs the kernels
+    return mode == "triton"
+
+
 def choose_layout(qtype: Q, k: int, layout_for: str, kernel: str | None = None) -> str:
-    """Which layout a weight of `qtype` with rows of `k` gets for the kernels of device type `layout_for`."""
+    """Which layout a weight of `qtype` with rows of `k` gets for the kernels of device type `layout_for`.
+
+    On CUDA (and on the CPU under $LITE_DEVICE_KERNELS=triton) every weight keeps its GGUF bytes ("gguf") and the
+    Triton kernels multiply them; a type those kernels lack is refused, never silently expanded."""
+    if layout_for == "cuda" or device_kernels_forced():
+        from quant import device_kernels
+
+        device_kernels.check_supported(qtype, "a weight")
+        return "gguf"
     if layout_for == "cpu":
         kernel = cpu_kernel(kernel)
         if kernel == "native" and qtype in NATIVE_TYPES and native.available():
@@ -108,9 +127,7 @@ def loaded_nbytes(qtype: Q, shape: Sequence[int], layout_for: str, dtype_bytes: 
     count = 1
     for d in lead:
         count *= d
-    layout = choose_layout(Q(qtype), k, layout_for)
-    if layout_for == "cuda" and not torch.cuda.is_available() and Q(qtype) in INT4_TYPES and k % GROUP == 0:
-        layout = "cuda"  # planning for a GPU from a machine without one: assume an Ampere-or-newer card
+    layout = "gguf" if layout_for == "cuda" else choose_layout(Q(qtype), k, layout_for)
     if layout == "gguf":
         return count * nbytes((n, k), Q(qtype))
     if layout in ("cpu", "cuda"):
@@ -214,9 +231,22 @@ class QMatrix:
         elif layout == "cuda":
             self._mm = torch.ops.aten._weight_int4pack_mm
         elif layout == "gguf":
+            self._set_gguf_kernel()
+
+    def _set_gguf_kernel(self) -> None:
+        """Pick the kernel for GGUF bytes: Triton on CUDA (or forced), native on the CPU, else dequantize per call."""
+        self._qid, self._isa = int(self.qtype), _isa_level()
+        self._device_kernel = self._raw.device.type == "cuda" or device_kernels_forced()
+        self._native = (
+            not self._device_kernel
+            and self.qtype in NATIVE_TYPES
+            and cpu_kernel() == "native"
+            and self._raw.device.type == "cpu"
+            and native.available()
+        )
+        self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62) if self._native else 0
+        if self._native:
             self._mm = torch.ops.lite_gguf.matmul
-            self._qid, self._isa = int(self.qtype), _isa_level()
-            self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62)
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -238,22 +268,24 @@ class QMatrix:
         otherwise packed for the int4 kernel of `layout_for` (default: `device`), e.g. device="cpu",
         layout_for="cuda" gives a RAM copy ready to be copied into CUDA cache slots. Other types (and 4-bit ones
         where no int4 kernel exists, e.g. pre-Ampere GPUs) become a dense `dtype` weight (float32 keeps an f32 GGUF
-        exact). `kernel` ("native", "int4pack", "dense") overrides $LITE_CPU_KERNEL for CPU layouts.
+        exact). `kernel` ("native", "int4pack", "dense") overrides $LITE_CPU_KERNEL for CPU layouts; "gguf" keeps
+        the GGUF bytes on any device and for any type (routed experts: the bytes the offload tiers move), multiplied
+        by the device kernels, the native CPU kernels, or (a type native lacks) a per-call dequantization.
         """
         qtype, device = Q(qtype), torch.device(device)
         if len(shape) != 2:
             raise ValueError(f"QMatrix needs a 2-D (out, in) shape, got {tuple(shape)}")
         n, k = (int(s) for s in shape)
-        layout = choose_layout(qtype, k, torch.device(layout_for or device).type, kernel)
-        if layout == "gguf" and device.type != "cpu":
-            layout = "dense"
+        layout = "gguf" if kernel == "gguf" else choose_layout(qtype, k, torch.device(layout_for or device).type, kernel)
         if layout == "dense":
             return cls.from_float(dequantize(raw, qtype, (n, k)), device, dtype, qtype=qtype)
         data = native.as_raw(raw) if layout == "gguf" else _as_uint8_tensor(raw)
+        if layout == "gguf" and data.device != device:
+            data = data.to(device)
         if data.numel() != nbytes((n, k), qtype):
             raise ValueError(f"{qtype.name} weight of shape {(n, k)} needs {nbytes((n, k), qtype)} bytes")
         if layout == "gguf":
-            readonly = isinstance(raw, np.ndarray) and not raw.flags.writeable
+            readonly = device.type == "cpu" and isinstance(raw, np.ndarray) and not raw.flags.writeable
             return cls((n, k), qtype, "gguf", {"raw": data}, n, readonly=readonly)
         work = layout if layout == "cuda" else "cpu"  # the packer runs on the layout's own device
         q, scale, zero = _int4_params(data.to(work), qtype, n, k)
@@ -316,12 +348,17 @@ class QMatrix:
         # Each skipped reshape/cast saves a few µs: this runs ~18 times per MoE layer per token.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.shape[1])
         if self.layout == "gguf":
-            if x2.shape[0] < self._dequant_from:  # 8-bit activations, integer block dots on the GGUF bytes
+            if self._device_kernel:  # Triton on the raw blocks (interpreted on CPU tensors)
+                from quant import device_kernels
+
+                y = device_kernels.gguf_matmul(x2.contiguous(), self._raw, self.qtype, *self.shape)
+            elif x2.shape[0] < self._dequant_from:  # 8-bit activations, integer block dots on the GGUF bytes
                 y = self._mm(
                     x2 if x2.dtype == torch.float32 else x2.float(), self._raw, self._qid, *self.shape, self._isa
                 )
-            else:  # a large batch: a bf16 GEMM on the weight dequantized for this call is faster
-                w = dequantize(self._raw, self.qtype, self.shape).to(_prefill_dtype())
+            else:  # a large batch (or a type native lacks): a GEMM on the weight dequantized for this call
+                w = dequantize(self._raw, self.qtype, self.shape)
+                w = w.to(_prefill_dtype()) if self._native else w
                 y = F.linear(x2.to(w.dtype), w)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
@@ -370,12 +407,9 @@ class QMatrix:
     ) -> QMatrix:
         """Move to `device`. A packed weight is repacked when its layout differs from `layout_for` (default: the
         target device's type); pass layout_for explicitly to move the bytes as they are (e.g. a CUDA-layout weight
-        staged in pinned RAM). A gguf weight leaving the CPU is rebuilt from its bytes (int4 or dense bf16)."""
+        staged in pinned RAM). A gguf weight moves its GGUF bytes as they are (every device multiplies them)."""
         device = torch.device(device)
         layout = torch.device(layout_for or device).type
-        if self.layout == "gguf" and (device.type != "cpu" or layout != "cpu"):
-            dtype = torch.bfloat16 if "cuda" in (device.type, layout) else torch.float32
-            return QMatrix.from_gguf(self._raw, self.qtype, self.shape, device, dtype, layout_for=layout)
         if self.layout in ("dense", "gguf", layout):
             return self._with({k: t.to(device, non_blocking=non_blocking) for k, t in self.tensors.items()})
         q = _unpack(self.tensors["packed"], self.layout, self.padded_n, self.shape[1])
@@ -406,8 +440,7 @@ class QMatrix:
             t.copy_(src.tensors[k], non_blocking=non_blocking)
         self.qtype = src.qtype
         if self.layout == "gguf":
-            self._qid = int(self.qtype)
-            self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62)
+            self._set_gguf_kernel()
         return self
 
     def __repr__(self) -> str:

@@ -7,6 +7,7 @@ import itertools
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 
@@ -14,6 +15,8 @@ import lite
 from offload import build_experts
 from offload.engine import ExpertEngine
 from quant.gguf_file import GGUFFile
+
+Q = gguf.GGMLQuantizationType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -129,7 +132,7 @@ def engine_for(path: Path, slots: int, predicted: dict, **opts) -> ExpertEngine:
 
 def call(engine: ExpertEngine, layer: int, rows: list[list[int]]) -> torch.Tensor:
     ids = torch.tensor(rows)
-    hidden = engine.slots[0].gate.shape[1]
+    hidden = engine.specs[layer].hidden
     x = torch.randn(len(rows), hidden)
     return engine(layer, x, ids, torch.full(ids.shape, 0.5))
 
@@ -170,7 +173,9 @@ def test_counters_on_constructed_routing(tiny_gguf):
 
 def test_counters_cpu_policy_and_disk_reads(tiny_gguf):
     e = engine_for(tiny_gguf, 2, {}, prefetch=False, miss_policy="cpu", experts_on="disk", ram_memory=10**9)
-    raw = e.store.raw_bytes
+    from offload.experts import raw_nbytes
+
+    raw = raw_nbytes(e.stacks[1])
     for rows in ([[0, 1]], [[0, 1]], [[1, 2], [2, 3]]):
         call(e, 1, rows)
     t = e.stats()["total"]
@@ -194,7 +199,7 @@ def test_prefetch_never_evicts_what_the_current_layer_needs(tiny_gguf):
     assert {(1, 0), (1, 1)} <= resident
     assert e.stats()["layers"][2]["prefetches_issued"] == 2
     out_before = call(e, 1, [[0, 1]])
-    assert e.stats()["layers"][1]["hits"] == 2 and out_before.shape[1] == e.slots[0].gate.shape[1]
+    assert e.stats()["layers"][1]["hits"] == 2 and out_before.shape[1] == e.specs[1].hidden
 
 
 def test_fewer_slots_than_active_experts(tiny_gguf):
@@ -202,12 +207,12 @@ def test_fewer_slots_than_active_experts(tiny_gguf):
     e = engine_for(tiny_gguf, 1, {}, prefetch=False, miss_policy="fetch")
     rows = [[0, 1], [2, 3], [4, 5], [6, 7]]
     ids = torch.tensor(rows)
-    x = torch.randn(4, e.slots[0].gate.shape[1])
+    x = torch.randn(4, e.specs[1].hidden)
     out = e(1, x, ids, torch.ones(4, 2))
     ref = torch.zeros_like(x)
     for t, row in enumerate(rows):
         for j in row:
-            ref[t] += e.store.read((1, j))(x[t : t + 1])[0]
+            ref[t] += e.store.read_cpu((1, j))(x[t : t + 1])[0]
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
     assert e.stats()["total"]["misses"] == 8
 
@@ -221,9 +226,9 @@ def test_one_token_runs_its_experts_in_one_native_call(tiny_gguf):
     if not native.available():
         pytest.skip(f"native kernels unavailable: {native.build_error()}")
     e = engine_for(tiny_gguf, 8, {}, prefetch=False, miss_policy="fetch")
-    assert e.fused and e.slots[0].native
-    x = torch.randn(1, e.slots[0].gate.shape[1], generator=torch.Generator().manual_seed(0))
-    experts, w = [e.store.read((1, j)) for j in (0, 3, 5)], [0.5, 0.3, 0.2]
+    assert e.native_layers[1] and e.store.read_cpu((1, 0)).native
+    x = torch.randn(1, e.specs[1].hidden, generator=torch.Generator().manual_seed(0))
+    experts, w = [e.store.read_cpu((1, j)) for j in (0, 3, 5)], [0.5, 0.3, 0.2]
     fused = moe_one_token(experts, x, w)
     chained = sum(wj * ex(x) for wj, ex in zip(w, experts))
     torch.testing.assert_close(fused, chained, rtol=0, atol=1e-3 * chained.abs().max().item())
@@ -321,4 +326,55 @@ def test_disk_tier_prefetch_moves_only_experts_already_in_ram(tiny_gguf):
     e.on_residual(1, torch.zeros(1, 8))
     assert e.stats()["layers"][2]["prefetches_issued"] == 1  # 3 is in RAM now; 4 is not
     assert (2, 3) in e.lru and (2, 4) not in e.lru
-    assert e.stats()["total"]["bytes_disk"] == 4 * e.store.raw_bytes
+    from offload.experts import raw_nbytes
+
+    assert e.stats()["total"]["bytes_disk"] == 4 * raw_nbytes(e.stacks[2])
+
+
+# ---- llama.cpp's Q4_K_M mixture: each layer's experts in their own types -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tiny_gguf, tmp_path_factory) -> Path:
+    """The tiny model as llama.cpp's Q4_K_M lays out V2-Lite: Q4_K gate/up, and `ffn_down_exps` (rows not
+    256-aligned) Q8_0 on one layer ("more bits") and Q5_0 on the other, so one expert's bytes differ per layer."""
+    from retype_gguf import retype
+
+    downs = {"blk.1.ffn_down_exps.weight": Q.Q8_0, "blk.2.ffn_down_exps.weight": Q.Q5_0}
+    out = tmp_path_factory.mktemp("mixed") / "tiny-q4_k_m.gguf"
+    return retype(tiny_gguf, out, lambda ref: downs.get(ref.name))
+
+
+def test_mixed_type_experts_run_through_every_tier(mixed_gguf):
+    """The crash this guards against: every cache slot sized from the first MoE layer's types ("cannot copy a
+    gguf (2048, 1408) weight into a gguf (2048, 1408) one"). Slots now follow each layer's own layout."""
+    gguf_file = GGUFFile(mixed_gguf)
+    assert gguf_file.tensors["blk.1.ffn_down_exps.weight"].qtype == Q.Q8_0
+    model = lite.load(str(mixed_gguf), device="cpu", experts_on="device")
+    specs = model.experts.specs
+    assert specs[1].nbytes != specs[2].nbytes  # the two layers' experts really differ in size
+    base_pre, base_dec, _, _ = run(model, gguf_file, experts_on="device")
+    for slots, tier, prefetch, miss, scope in [
+        (1, "ram", 1, "fetch", "layer"),
+        (2, "disk", 1, "auto", "layer"),
+        (2, "ram", False, "cpu", "layer"),
+        (3, "disk", 2, "fetch", "global"),  # one pool for all layers: slots sized for the largest expert
+        (8, "ram", 1, "fetch", "global"),
+    ]:
+        opts = dict(experts_on=tier, expert_cache=slots, prefetch=prefetch, miss_policy=miss, cache_scope=scope)
+        if tier == "disk":
+            opts["ram_memory"] = 5 * model.experts.expert_bytes  # an LRU of a few experts: real disk reads
+        pre, dec, st, _ = run(model, gguf_file, **opts)
+        assert torch.equal(pre, base_pre), opts
+        assert all(torch.equal(a, b) for a, b in zip(dec, base_dec)), opts
+        assert st["total"]["misses"] > 0 or slots == 8
+
+
+def test_mixed_type_file_generates_the_same_off_the_device_tier(mixed_gguf):
+    """`lite.load` as `lite run --experts-on ram|disk` calls it (the command that crashed): the same greedy tokens."""
+    outs = []
+    for opts in ({"experts_on": "device"}, {"experts_on": "ram", "expert_cache": 1},
+                 {"experts_on": "disk", "expert_cache": 1, "ram_memory": 200_000}):  # fmt: skip
+        model = lite.load(str(mixed_gguf), device="cpu", **opts)
+        outs.append(list(model.generate(PROMPT, max_tokens=6, temperature=0.0)))
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) > 0
