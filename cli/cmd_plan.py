@@ -1,4 +1,4 @@
-"""`lite plan MODEL [--gpu-mem X] [--ram X] [--ctx N]`: where the weights would go, from metadata only."""
+"""`lite plan MODEL [--gpu-mem X] [--ram X] [-c N]`: where the weights would go, from metadata only."""
 
 from __future__ import annotations
 
@@ -11,18 +11,27 @@ from rich.table import Table
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a GGUF model file (only its metadata and tensor sizes are read)")
-    p.add_argument("--gpu-mem", default=None, help="device budget, e.g. 8GiB (default: free VRAM minus a reserve)")
-    p.add_argument("--ram", default=None, help="RAM budget for the experts, e.g. 32GiB (default: available RAM - 2GiB)")
-    p.add_argument("-c", "--ctx", type=int, default=None, help="context length to size the latent cache for "
-                   "(default: the model's trained context)")  # fmt: skip
-    p.add_argument("--device", default="auto", help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                   help="device budget, e.g. 8GiB (default: free VRAM minus a reserve; required for --device cuda "
+                   "on a machine without a GPU; on CPU an optional cap on the device tier)")  # fmt: skip
+    p.add_argument("--ram", default=None, metavar="SIZE",
+                   help="RAM budget for the experts (on CPU also the latent cache and expert slots), e.g. 32GiB "
+                   "(default: available RAM - 2GiB)")  # fmt: skip
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=None, metavar="N",
+                   help="context length to size the latent cache for (default: the model's trained "
+                   "context)")  # fmt: skip
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu or cuda[:N] (default: cuda when present); cuda plans without a GPU when "
+                   "--gpu-mem is given")  # fmt: skip
     p.add_argument("--experts-on", default="auto", choices=["auto", "device", "ram", "disk"],
                    help="where routed experts live (default: decided by the budgets)")  # fmt: skip
-    p.add_argument("--expert-cache", default=None, help="device expert slots per MoE layer, or a byte size")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--expert-cache", default=None, metavar="N|SIZE",
+                   help="device expert slots per MoE layer, or a byte size")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object (bytes as integers)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from lite.errors import LiteError
     from offload.planner import format_bytes, plan_file
 
     device = args.device
@@ -30,15 +39,15 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise LiteError(f"--device takes auto, cpu or cuda[:N], got {device!r}")
     cache = args.expert_cache
     if cache is not None and cache.isdigit():
         cache = int(cache)
     plan, sizes = plan_file(args.model, device=device, gpu_memory=args.gpu_mem, ram_memory=args.ram, ctx=args.ctx,
                             experts_on=args.experts_on, expert_cache=cache)  # fmt: skip
     if args.json:
-        out = {k: v for k, v in vars(plan).items() if k != "notes"}
-        out.update(notes=plan.notes, cache_bytes=plan.cache_bytes, device_total=plan.device_total)
-        print(json.dumps(out, indent=1))
+        print(json.dumps({"model": str(args.model), **plan.to_json()}, indent=1))
         return 0
     console = Console(highlight=False, soft_wrap=True)
     console.print(

@@ -10,7 +10,28 @@ from lite.cache import LatentCache
 from lite.errors import LiteError
 from lite.sampling import SamplingParams, sample
 
-PREFILL_CHUNK = 256  # tokens per forward in prefill: bounds the [H, T, S] score tensor
+PREFILL_CHUNK = 256  # tokens per forward when every position's logits are wanted (float32 [T, vocab] each)
+# Activation memory one prefill forward may use. A prompt goes through the layers in chunks as large as this
+# allows (attention tiles its [H, T, S] scores itself), so each layer fetches each expert it needs once per chunk:
+# with experts offloaded, small chunks would move the same experts over PCIe again and again.
+ACTIVATION_BUDGET = 1 << 30
+MAX_PREFILL_CHUNK = 8192
+
+
+def prefill_chunk(args, dtype_bytes: int, all_logits: bool) -> int:
+    """Tokens per prefill forward: what ACTIVATION_BUDGET holds of one layer's live activations per token."""
+    if all_logits:
+        return PREFILL_CHUNK
+    H, r, p = args.num_attention_heads, args.kv_lora_rank, args.qk_rope_head_dim
+    per_token = (
+        6 * args.hidden_size  # residual, normed input, attention and ffn outputs
+        + 2 * H * (args.qk_nope_head_dim + p)  # q, split and rotated
+        + 3 * H * (r + p)  # q_lat, the absorbed query, the attended latent
+        + H * args.v_head_dim
+        + 3 * args.num_experts_per_tok * args.moe_intermediate_size  # routed rows: gate, up, SwiGLU
+        + 3 * max(args.intermediate_size, args.moe_intermediate_size * max(args.n_shared_experts or 1, 1))
+    ) * dtype_bytes
+    return max(PREFILL_CHUNK, min(MAX_PREFILL_CHUNK, ACTIVATION_BUDGET // per_token))
 
 
 class Session:
@@ -36,9 +57,10 @@ class Session:
         if min(ids) < 0 or max(ids) >= vocab:
             raise LiteError(f"token id out of range 0..{vocab - 1}: {max(ids) if max(ids) >= vocab else min(ids)}")
         outs = []
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[i : i + PREFILL_CHUNK]
-            last = i + PREFILL_CHUNK >= len(ids)
+        step = prefill_chunk(self.model.config, self.model.dtype.itemsize, all_logits)
+        for i in range(0, len(ids), step):
+            chunk = ids[i : i + step]
+            last = i + step >= len(ids)
             start = len(self.tokens)
             tokens = torch.tensor(chunk, dtype=torch.long)
             logits = self.model.transformer.forward(tokens, self.cache, start, all_logits=all_logits)

@@ -89,13 +89,10 @@ class Model:
         return generate(self, tokens, **kwargs)
 
     def stats(self) -> dict:
-        stats = getattr(self.experts, "stats", None)
-        return stats() if callable(stats) else {}
+        return self.experts.stats()
 
     def reset_stats(self) -> None:
-        reset = getattr(self.experts, "reset_stats", None)
-        if callable(reset):
-            reset()
+        self.experts.reset_stats()
 
     def __repr__(self) -> str:
         a = self.config

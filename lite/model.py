@@ -164,13 +164,12 @@ class Transformer:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: LatentCache, start: int, all_logits: bool = True) -> torch.Tensor:
         """tokens [T] at positions start..start+T -> float32 logits [T, vocab] (or [1, vocab] for the last)."""
-        eps, on_residual = self.args.rms_norm_eps, getattr(self.experts, "on_residual", None)
+        eps, on_residual = self.args.rms_norm_eps, self.experts.on_residual
         h = self.weights.embed(tokens).to(self.dtype)  # [T, hidden] on the device (ids may stay on the CPU)
         for i, w in enumerate(self.weights.layers):
             h = h + self.attention(i, rms_norm(h, w.attn.norm, eps), cache, start)
             h = h + self.ffn(i, rms_norm(h, w.ffn_norm, eps))
-            if on_residual is not None:  # the input of layer i+1: lets the backend prefetch its experts
-                on_residual(i, h)
+            on_residual(i, h)  # the input of layer i+1: lets the backend prefetch its experts
         if not all_logits:
             h = h[-1:]
         return self.weights.output(rms_norm(h, self.weights.norm, eps)).float()

@@ -27,13 +27,15 @@ import torch
 
 from quant.errors import LiteError
 
-__all__ = ["build_experts", "ExpertEngine"]
+from offload.backend import ExpertBackend
+
+__all__ = ["ExpertBackend", "ExpertEngine", "build_experts"]
 
 DEFAULT_CTX = 4096
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ExpertEngine":
+    if name == "ExpertEngine":  # lazily: importing the engine pulls in the kernels
         from offload.engine import ExpertEngine
 
         return ExpertEngine
@@ -91,7 +93,7 @@ def build_experts(
     cache_scope: str = "layer",
     drop_page_cache: bool = False,
     **unknown: Any,
-):
+) -> ExpertBackend:
     """The expert backend for a model (see the module docstring for the options)."""
     from offload.engine import ExpertEngine
     from offload.experts import expert_raws, spec_of

@@ -10,14 +10,15 @@ file's mmap (only looked-up rows are dequantized): it is RAM, never device memor
 
 CUDA: the device holds the dense weights, the latent cache for the context, a workspace reserve and a cache of
 routed-expert slots in what is left (`gpu_memory`). The routed experts live in RAM (the mmap) when they fit
-`ram_memory`, else on disk behind a RAM LRU that gets the whole `ram_memory` (less the pinned staging ring).
+`ram_memory`, else on disk behind a RAM LRU that gets the whole `ram_memory`. The pinned staging ring that host ->
+device copies go through (a few experts' bytes) is counted in RAM beside the budget, like the embedding.
 
 CPU: the device tier is RAM, so one budget, `ram_memory`, bounds the latent cache, the expert slots and the host
 tier of experts together; the dense weights, the embedding and the reserve come on top (so RAM in all stays within
-`ram_memory` + dense + reserve). All experts resident (the mmap itself, no copies) when they fit; otherwise the
-disk tier, where the slots take min(2 x top-k, n_experts) per layer but at most half of what `ram_memory` leaves
-after the latent cache, and the RAM LRU gets the rest. `gpu_memory`, when given on CPU, additionally caps the
-device tier (dense + latent + reserve + slots), as it does on CUDA.
+`ram_memory` + dense weights (embedding included) + reserve). All experts resident (the mmap itself, no copies)
+when they fit; otherwise the disk tier, where the slots take min(2 x top-k, n_experts) per layer but at most half of
+what `ram_memory` leaves after the latent cache, and the RAM LRU gets the rest. `gpu_memory`, when given on CPU,
+additionally caps the device tier (dense + latent + reserve + slots), as it does on CUDA.
 
 Per-layer sizes: llama.cpp's Q4_K_M files give `ffn_down_exps` different types on different layers (Q6_K on its
 "more bits" layers, Q5_0/Q8_0 where rows are not 256-aligned), so one expert's bytes differ per layer; a slot in
@@ -277,9 +278,9 @@ class Plan:
 
     @property
     def ram_budgeted(self) -> int:
-        """The part of RAM that `ram_memory` bounds (everything but the dense weights, embedding and reserve)."""
+        """The part of RAM that `ram_memory` bounds (all but the dense weights, embedding, reserve and staging)."""
         p = self.ram_parts()
-        return p["experts"] + p["expert_cache"] + p["latent_cache"] + p["staging"]
+        return p["experts"] + p["expert_cache"] + p["latent_cache"]
 
     @property
     def ram_total(self) -> int:
@@ -293,7 +294,29 @@ class Plan:
         return self.expert_file_bytes_by_layer.get(layer, self.expert_file_bytes)
 
     def to_json(self) -> dict[str, Any]:
-        """The plan as one JSON-able object (the schema `lite plan --json` prints; see README.md)."""
+        """The plan as one JSON-able object, what `lite plan --json` prints (all sizes are integer bytes):
+
+        - `device`, `ctx`, `experts_on` ("device" | "ram" | "disk"), `slots_per_layer` (device slots per MoE layer;
+          n_experts when all are on the device), `n_experts`, `experts_per_token`, `moe_layers` (layer indices).
+        - `bytes_per_expert_file` / `_ram` / `_device`: one routed expert (gate + up + down) of the LARGEST MoE
+          layer (the maximum over layers: Q4_K_M files type ffn_down_exps differently per layer) in the GGUF; in RAM
+          under this plan (the RAM tier and CPU all-resident experts are the file's mmap pages, i.e. the file's
+          bytes; the disk tier's LRU holds one buffer in the slot layout); in a device slot (the GGUF blocks at
+          16-byte-aligned offsets).
+        - `bytes_per_expert_mean`: {file, ram, device}, the same averaged over the MoE layers (float);
+          `bytes_per_expert_by_layer`: {"<layer>": {file, ram, device}}.
+        - `budgets`: {gpu_memory (null: no device cap, CPU only), ram_memory}.
+        - `device_bytes`: {dense (every weight but the routed experts and the token embedding, as loaded on the
+          compute device), latent_cache, reserve, expert_cache (slots x the sum over layers of that layer's expert
+          bytes; every expert when experts_on is "device"), total, budget}. On CPU the device tier is RAM.
+        - `ram_bytes`: {experts (the host tier: every expert's file bytes for "ram", the LRU budget for "disk", 0 for
+          "device"), expert_cache, latent_cache, dense, reserve (the device tier, CPU only; 0 on CUDA), staging
+          (CUDA: the pinned ring host -> device copies go through), embedding (the token embedding: the file's
+          mmap), total, budgeted (the part `ram_memory` bounds: experts, and on CPU also expert_cache +
+          latent_cache), budget (ram_memory)}.
+        - `disk_bytes`: {experts: every expert's file bytes when they are read from disk, else 0}.
+        - `notes`: list of strings.
+        """
         layers = list(self.moe_layers)
         by_layer = {
             str(i): {
@@ -409,6 +432,145 @@ def _ctx_hint(sizes: ModelSizes, room: int, cache_dtype_bytes: int) -> str:
     return f"a context of at most {fits} tokens (--ctx {fits}), or " if fits >= 256 else ""
 
 
+@dataclass
+class _Budget:
+    """The numbers every placement decision uses (bytes)."""
+
+    sizes: ModelSizes
+    ctx: int
+    gpu: int | None  # the device cap (None: none, CPU only)
+    ram: int
+    want: int | None  # slots per layer asked for (expert_cache), or None
+    cache_dtype_bytes: int
+
+    def __post_init__(self) -> None:
+        s = self.sizes
+        self.n, self.k = s.n_experts, max(s.experts_per_token, 1)
+        self.reserve = min(DEVICE_RESERVE_MAX, s.dense_bytes // 8)
+        self.latent = s.latent_bytes(self.ctx, self.cache_dtype_bytes)
+        self.fixed = s.dense_bytes + self.latent + self.reserve  # the device tier before any expert
+        self.slot_set = max(s.slot_set_bytes, 1)  # one slot in every MoE layer
+        self.file_all = s.expert_file_total  # every expert as the file's bytes (the RAM tier: the mmap)
+        self.lru_all = s.n_experts * s.slot_set_bytes  # every expert in disk-tier buffers
+        self.lru_min = 2 * self.k * max(s.expert_bytes, 1)  # the smallest useful disk-tier LRU
+        self.gpu_slots = self.n if self.gpu is None else min((self.gpu - self.fixed) // self.slot_set, self.n)
+
+    def check_device(self) -> None:
+        """The device tier must hold the dense weights, the latent cache, the reserve and one slot per layer."""
+        if self.gpu is None or self.fixed + self.slot_set <= self.gpu:
+            return
+        s = self.sizes
+        hint = _ctx_hint(s, self.gpu - s.dense_bytes - self.reserve - self.slot_set, self.cache_dtype_bytes)
+        raise LiteError(
+            f"the device budget {format_bytes(self.gpu)} cannot hold the dense weights ({format_bytes(s.dense_bytes)})"
+            f" + latent cache for {self.ctx} tokens ({format_bytes(self.latent)}) + reserve"
+            f" ({format_bytes(self.reserve)}) + one expert slot per layer ({format_bytes(self.slot_set)}); use"
+            f" {hint}a device budget of at least {format_bytes(self.fixed + self.slot_set)} (--gpu-mem)"
+        )
+
+
+# (experts_on, slots per layer, host-tier expert bytes, device-tier expert bytes, pinned staging bytes)
+_Placement = tuple[str, int, int, int, int]
+
+
+def _place_cuda(b: _Budget, experts_on: str) -> _Placement:
+    """CUDA: slots in what the device budget leaves; experts in RAM (the mmap) when they fit, else the disk tier
+    behind a RAM LRU of the whole RAM budget. The staging ring is RAM beside the budget."""
+    assert b.gpu is not None
+    staging = STAGING_BUFFERS * _align(b.sizes.expert_bytes)
+    slots = b.gpu_slots
+    if b.want is not None:
+        if b.want > slots:
+            raise LiteError(
+                f"expert_cache of {b.want} slots per layer needs {format_bytes(b.fixed + b.want * b.slot_set)} on"
+                f" the device but the budget is {format_bytes(b.gpu)}; use at most {slots} slots or a larger --gpu-mem"
+            )
+        slots = b.want
+    all_fit = b.gpu_slots >= b.n
+    if experts_on == "device" and not all_fit:
+        need = b.fixed + b.n * b.slot_set
+        raise LiteError(
+            f"experts_on=device needs {format_bytes(need)} on the device for all experts but the budget is"
+            f" {format_bytes(b.gpu)}; use experts_on=auto (an expert cache of {slots} slots per layer) or"
+            f" --gpu-mem {format_bytes(need)}"
+        )
+    if experts_on == "auto":
+        experts_on = "device" if all_fit and b.want is None else ("ram" if b.file_all <= b.ram else "disk")
+    if experts_on == "device":
+        return "device", b.n, 0, b.n * b.slot_set, 0
+    if experts_on == "ram":
+        if b.file_all > b.ram:
+            raise LiteError(
+                f"the routed experts need {format_bytes(b.file_all)} of RAM but the RAM budget is"
+                f" {format_bytes(b.ram)}; use experts_on=disk (a RAM LRU over the GGUF) or --ram"
+                f" {format_bytes(b.file_all)}"
+            )
+        return "ram", slots, b.file_all, slots * b.slot_set, staging
+    lru = min(b.ram, b.lru_all)
+    if lru < b.lru_min:
+        raise LiteError(
+            f"the RAM budget {format_bytes(b.ram)} holds fewer than {2 * b.k} experts ({format_bytes(b.lru_min)}) for"
+            f" the disk tier's LRU; use --ram {format_bytes(b.lru_min)} or more"
+        )
+    return "disk", slots, lru, slots * b.slot_set, staging
+
+
+def _place_cpu(b: _Budget, experts_on: str) -> _Placement:
+    """CPU: the latent cache, the slots and the host tier share `ram`. All experts resident (the mmap, no copies)
+    when they fit; else the disk tier: min(2 x top-k, n) slots per layer, at most half of what the latent cache
+    leaves, and the LRU gets the rest. An explicit "ram" keeps the mmap behind min(2 x top-k, n) slots."""
+    room = b.ram - b.latent  # for experts
+    least = min(b.file_all, b.slot_set + b.lru_min)  # all resident, or one slot per layer + the smallest LRU
+    if room < least:
+        hint = _ctx_hint(b.sizes, b.ram - least, b.cache_dtype_bytes)
+        raise LiteError(
+            f"the RAM budget {format_bytes(b.ram)} cannot hold the latent cache for {b.ctx} tokens"
+            f" ({format_bytes(b.latent)}) + the least the experts need ({format_bytes(least)}: one slot per layer and"
+            f" a disk-tier LRU of {2 * b.k} experts); use {hint}a RAM budget of at least"
+            f" {format_bytes(b.latent + least)} (--ram)"
+        )
+    device_fits = b.file_all <= room and (b.gpu is None or b.fixed + b.file_all <= b.gpu)
+    cap = "" if b.gpu is None else f" (device cap {format_bytes(b.gpu)})"
+    if experts_on == "device" and not device_fits:
+        need = b.latent + b.file_all
+        raise LiteError(
+            f"experts_on=device needs {format_bytes(need)} of the RAM budget for the latent cache and all experts but"
+            f" it is {format_bytes(b.ram)}{cap}; use experts_on=auto (the disk tier) or --ram {format_bytes(need)}"
+        )
+    least_slots = b.want or 1
+    ram_slots = min((room - b.file_all) // b.slot_set, b.gpu_slots) if room >= b.file_all else 0
+    if experts_on == "auto":
+        if device_fits and b.want is None:
+            experts_on = "device"
+        else:
+            experts_on = "ram" if ram_slots >= least_slots else "disk"
+    target = b.want if b.want is not None else min(2 * b.k, b.n)
+    if experts_on == "device":
+        return "device", b.n, 0, b.file_all, 0  # the mmap views themselves
+    if experts_on == "ram":
+        if ram_slots < least_slots:
+            need = b.latent + b.file_all + least_slots * b.slot_set
+            raise LiteError(
+                f"experts_on=ram on the CPU needs {format_bytes(need)} of the RAM budget (latent cache, all experts,"
+                f" {least_slots} slots per layer) but it is {format_bytes(b.ram)}{cap}; use experts_on=disk or --ram"
+                f" {format_bytes(need)}"
+            )
+        slots = min(target, ram_slots)
+        return "ram", slots, b.file_all, slots * b.slot_set, 0
+    fit = min((room - b.lru_min) // b.slot_set, b.gpu_slots)  # the most slots beside the smallest LRU
+    if fit < least_slots:
+        need = b.latent + least_slots * b.slot_set + b.lru_min
+        raise LiteError(
+            f"the RAM budget {format_bytes(b.ram)}{cap} cannot hold the latent cache for {b.ctx} tokens"
+            f" ({format_bytes(b.latent)}) + {least_slots} expert slots per layer"
+            f" ({format_bytes(least_slots * b.slot_set)}) + a disk-tier LRU of {2 * b.k} experts"
+            f" ({format_bytes(b.lru_min)}); use --ram {format_bytes(need)} or more"
+        )
+    slots = b.want if b.want is not None else max(min(target, room // 2 // b.slot_set, fit), 1)
+    cache = slots * b.slot_set
+    return "disk", slots, min(room - cache, b.lru_all), cache, 0
+
+
 def make_plan(
     sizes: ModelSizes,
     device: str = "cpu",
@@ -419,7 +581,8 @@ def make_plan(
     experts_on: str = "auto",
     expert_cache: int | str | None = None,
 ) -> Plan:
-    """Decide what goes where; refuse budgets that cannot be met, saying what would fit (one line)."""
+    """Decide what goes where (see the module docstring); refuse budgets that cannot be met, in one line that
+    names the numbers and what would fit."""
     if experts_on not in ("auto", "device", "ram", "disk"):
         raise LiteError(f"experts_on must be auto, device, ram or disk (got {experts_on!r})")
     cuda = device.startswith("cuda")
@@ -435,153 +598,37 @@ def make_plan(
     ctx = int(ctx or sizes.context_length)
     if ctx <= 0:
         raise LiteError(f"context must be positive (got {ctx})")
-    n, k = sizes.n_experts, sizes.experts_per_token
-    n_moe = len(sizes.moe_layers)
-    reserve = min(DEVICE_RESERVE_MAX, sizes.dense_bytes // 8)
-    latent = sizes.latent_bytes(ctx, cache_dtype_bytes)
-    fixed = sizes.dense_bytes + latent + reserve  # the device tier before any expert
-    slot_set = max(sizes.slot_set_bytes, 1)  # one slot in every MoE layer
-    file_all = sizes.expert_file_total  # every expert as the file's bytes (the RAM tier: the mmap)
-    lru_each = max(sizes.expert_bytes, 1)  # a disk-tier buffer, the largest layer's
-    lru_min = 2 * max(k, 1) * lru_each
-    if expert_cache is not None:
-        want: int | None = _slots_from_option(expert_cache, sizes)
-    else:
-        want = None
-
-    if gpu is not None and fixed + slot_set > gpu:
-        hint = _ctx_hint(sizes, gpu - sizes.dense_bytes - reserve - slot_set, cache_dtype_bytes)
-        raise LiteError(
-            f"the device budget {format_bytes(gpu)} cannot hold the dense weights"
-            f" ({format_bytes(sizes.dense_bytes)}) + latent cache for {ctx} tokens ({format_bytes(latent)})"
-            f" + reserve ({format_bytes(reserve)}) + one expert slot per layer ({format_bytes(slot_set)});"
-            f" use {hint}a device budget of at least {format_bytes(fixed + slot_set)} (--gpu-mem)"
-        )
-    gpu_slots = n if gpu is None else min((gpu - fixed) // slot_set, n)  # what the device cap allows
-
-    if cuda:
-        assert gpu is not None
-        staging = STAGING_BUFFERS * _align(sizes.expert_bytes)
-        slots = gpu_slots
-        if want is not None:
-            if want > slots:
-                raise LiteError(
-                    f"expert_cache of {want} slots per layer needs {format_bytes(fixed + want * slot_set)} on the"
-                    f" device but the budget is {format_bytes(gpu)}; use at most {slots} slots or a larger --gpu-mem"
-                )
-            slots = want
-        all_fit = gpu_slots >= n
-        if experts_on == "device" and not all_fit:
-            need = fixed + n * slot_set
-            raise LiteError(
-                f"experts_on=device needs {format_bytes(need)} on the device for all experts but the budget is"
-                f" {format_bytes(gpu)}; use experts_on=auto (an expert cache of {slots} slots per layer) or"
-                f" --gpu-mem {format_bytes(need)}"
-            )
-        if experts_on == "auto":
-            experts_on = "device" if all_fit and want is None else ("ram" if file_all + staging <= ram else "disk")
-        if experts_on == "device":
-            slots, staging, ram_experts, cache = n, 0, 0, n * slot_set
-        elif experts_on == "ram":
-            if file_all + staging > ram:
-                raise LiteError(
-                    f"the routed experts need {format_bytes(file_all)} of RAM (+ {format_bytes(staging)} of pinned"
-                    f" staging) but the RAM budget is {format_bytes(ram)}; use experts_on=disk (a RAM LRU over the"
-                    f" GGUF) or --ram {format_bytes(file_all + staging)}"
-                )
-            ram_experts, cache = file_all, slots * slot_set
-        else:
-            ram_experts = min(ram - staging, n * sizes.slot_set_bytes)
-            if ram_experts < lru_min:
-                raise LiteError(
-                    f"the RAM budget {format_bytes(ram)} holds fewer than {2 * k} experts"
-                    f" ({format_bytes(lru_min)}) for the disk tier's LRU beside {format_bytes(staging)} of pinned"
-                    f" staging; use --ram {format_bytes(lru_min + staging)} or more"
-                )
-            cache = slots * slot_set
-    else:
-        staging = 0
-        room = ram - latent  # for experts, in the one RAM budget
-        if room < slot_set:
-            hint = _ctx_hint(sizes, ram - slot_set, cache_dtype_bytes)
-            raise LiteError(
-                f"the RAM budget {format_bytes(ram)} cannot hold the latent cache for {ctx} tokens"
-                f" ({format_bytes(latent)}) + one expert slot per layer ({format_bytes(slot_set)}); use {hint}a RAM"
-                f" budget of at least {format_bytes(latent + slot_set + lru_min)} (--ram)"
-            )
-        device_fits = file_all <= room and (gpu is None or fixed + file_all <= gpu)
-        if experts_on == "device" and not device_fits:
-            need = latent + file_all
-            raise LiteError(
-                f"experts_on=device needs {format_bytes(need)} of the RAM budget for the latent cache and all"
-                f" experts but it is {format_bytes(ram)}"
-                + ("" if gpu is None else f" (device cap {format_bytes(gpu)})")
-                + f"; use experts_on=auto (the disk tier) or --ram {format_bytes(need)}"
-            )
-        ram_slots = min((room - file_all) // slot_set, gpu_slots) if room >= file_all else 0
-        if experts_on == "auto":
-            if device_fits and want is None:
-                experts_on = "device"
-            elif ram_slots >= max(want or 1, 1):
-                experts_on = "ram"
-            else:
-                experts_on = "disk"
-        target = want if want is not None else min(2 * max(k, 1), n)
-        if experts_on == "device":
-            slots, ram_experts, cache = n, 0, file_all  # the mmap itself: no copies
-        elif experts_on == "ram":
-            if ram_slots < max(want or 1, 1):
-                need = latent + file_all + max(want or 1, 1) * slot_set
-                raise LiteError(
-                    f"experts_on=ram on the CPU needs {format_bytes(need)} of the RAM budget (latent cache, all"
-                    f" experts, {max(want or 1, 1)} slots per layer) but it is {format_bytes(ram)}; use"
-                    f" experts_on=disk or --ram {format_bytes(need)}"
-                )
-            slots = min(target, ram_slots)
-            ram_experts, cache = file_all, slots * slot_set
-        else:
-            fit = min((room - lru_min) // slot_set, gpu_slots)  # the most slots beside the smallest LRU
-            if fit < max(want or 1, 1):
-                need = latent + max(want or 1, 1) * slot_set + lru_min
-                raise LiteError(
-                    f"the RAM budget {format_bytes(ram)} cannot hold the latent cache for {ctx} tokens"
-                    f" ({format_bytes(latent)}) + {max(want or 1, 1)} expert slots per layer"
-                    f" ({format_bytes(max(want or 1, 1) * slot_set)}) + a disk-tier LRU of {2 * k} experts"
-                    f" ({format_bytes(lru_min)}); use --ram {format_bytes(need)} or more"
-                )
-            slots = want if want is not None else max(min(target, room // 2 // slot_set, fit), 1)
-            cache = slots * slot_set
-            ram_experts = min(room - cache, n * sizes.slot_set_bytes)
-
+    want = None if expert_cache is None else _slots_from_option(expert_cache, sizes)
+    b = _Budget(sizes, ctx, gpu, ram, want, cache_dtype_bytes)
+    b.check_device()
+    experts_on, slots, ram_experts, cache, staging = (_place_cuda if cuda else _place_cpu)(b, experts_on)
     if experts_on == "disk":
-        held = ram_experts * n_moe // max(sizes.slot_set_bytes, 1)
-        notes.append(
-            f"experts are read from disk; the RAM LRU holds {format_bytes(ram_experts)} (about {held} experts)"
-        )
-    if experts_on != "device" and slots < k:
-        notes.append(f"{slots} expert slots per layer is fewer than the {k} active experts: expect many misses")
+        held = ram_experts * len(sizes.moe_layers) // b.slot_set
+        notes.append(f"experts are read from disk; the RAM LRU holds {format_bytes(ram_experts)} (~{held} experts)")
+    if experts_on != "device" and slots < b.k:
+        notes.append(f"{slots} expert slots per layer is fewer than the {b.k} active experts: expect many misses")
     return Plan(
         device=device,
         ctx=ctx,
         gpu_budget=gpu,
         ram_budget=ram,
         dense_bytes=sizes.dense_bytes,
-        latent_bytes=latent,
-        reserve_bytes=reserve,
+        latent_bytes=b.latent,
+        reserve_bytes=b.reserve,
         expert_bytes=sizes.expert_bytes,
-        expert_total=file_all,
+        expert_total=b.file_all,
         experts_on=experts_on,
         slots_per_layer=slots,
-        n_experts=n,
+        n_experts=b.n,
         moe_layers=list(sizes.moe_layers),
         ram_expert_bytes=ram_experts,
         notes=notes,
-        experts_per_token=k,
+        experts_per_token=sizes.experts_per_token,
         expert_file_bytes=sizes.expert_file_bytes,
         expert_bytes_by_layer={i: sizes.layer_bytes(i) for i in sizes.moe_layers},
         expert_file_bytes_by_layer={i: sizes.layer_file_bytes(i) for i in sizes.moe_layers},
         embedding_bytes=sizes.embedding_bytes,
-        staging_bytes=staging if experts_on != "device" else 0,
+        staging_bytes=staging,
         cache_bytes=cache,
     )
 

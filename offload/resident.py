@@ -24,6 +24,12 @@ class ResidentExperts:
     def on_residual(self, layer: int, h: torch.Tensor) -> None:
         pass  # everything is resident: nothing to prefetch
 
+    def stats(self) -> dict:
+        return {}  # no cache, nothing to count
+
+    def reset_stats(self) -> None:
+        pass
+
     @property
     def nbytes(self) -> int:
         return sum(e.nbytes for experts in self.layers.values() for e in experts)

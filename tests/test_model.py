@@ -138,6 +138,7 @@ def test_chunked_prefill_equals_full(lite_model, monkeypatch):
 
     full = lite_model.logits(TOKENS)
     monkeypatch.setattr(lite.generate, "PREFILL_CHUNK", 3)
+    monkeypatch.setattr(lite.generate, "MAX_PREFILL_CHUNK", 3)
     assert_parity(lite_model.session(32).feed(TOKENS, all_logits=True), full)
     assert_parity(lite_model.session(32).feed(TOKENS)[None], full[-1:])
     monkeypatch.setattr(lite.model, "SCORE_BUDGET", 100)  # blocks of a few queries over the cache

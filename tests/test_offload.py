@@ -39,12 +39,21 @@ def tiny_model(tiny_gguf):
     return lite.load(str(tiny_gguf), device="cpu", experts_on="device")
 
 
+def disk_ram(model, slots: int, lru: int, ctx: int = 32) -> int:
+    """`ram_memory` for a CPU disk tier of `slots` slots per layer and a RAM LRU of `lru` experts: on the CPU one
+    budget holds the latent cache for `ctx` tokens, the slots and the LRU (offload/planner.py)."""
+    a, specs = model.config, model.experts.specs
+    latent = a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4 * ctx
+    return latent + slots * sum(s.nbytes for s in specs.values()) + lru * max(s.nbytes for s in specs.values())
+
+
 def run(
     model, gguf: GGUFFile, device: str = "cpu", **opts
 ) -> tuple[torch.Tensor, list[torch.Tensor], dict, ExpertEngine]:
     """Swap in an engine built with `opts`; prefill logits [T, vocab], one-token decode logits, stats, and the
     engine (closed)."""
     old = model.experts
+    opts.setdefault("ctx", 32)
     engine = build_experts(old.stacks, old.predict, device, model.dtype, gguf_file=gguf, **opts)
     model.transformer.experts = model.experts = engine
     try:
@@ -68,7 +77,7 @@ def test_logits_identical_across_cache_tier_prefetch_and_miss_policy(tiny_model,
         opts = dict(experts_on=tier, expert_cache=slots, prefetch=prefetch, miss_policy=miss)
         if tier == "disk":
             # a RAM LRU of 4 of the 16 experts, in the planner's bytes per expert (it sizes the LRU)
-            opts["ram_memory"] = 4 * tiny_model.experts.plan.expert_bytes
+            opts["ram_memory"] = disk_ram(tiny_model, slots, 4)
         pre, dec, st, _ = run(tiny_model, gguf, **opts)
         # the same arithmetic on every path: bit-identical
         assert torch.equal(pre, base_pre), opts
@@ -95,7 +104,8 @@ def test_engine_matches_resident_experts_and_reference(tiny_gguf, hf_lite, tmp_p
     from lite.convert import convert
     from offload.resident import ResidentExperts
 
-    m = lite.load(str(tiny_gguf), device="cpu", experts_on="disk", expert_cache=1, ram_memory=130_000)
+    m = lite.load(str(tiny_gguf), device="cpu", experts_on="device")
+    m = lite.load(str(tiny_gguf), device="cpu", experts_on="disk", expert_cache=1, ctx=32, ram_memory=disk_ram(m, 1, 4))
     engine_logits = m.logits(PROMPT)
     m.transformer.experts = m.experts = ResidentExperts(m.experts.stacks, m.device, m.dtype)
     resident = m.logits(PROMPT)
@@ -103,7 +113,8 @@ def test_engine_matches_resident_experts_and_reference(tiny_gguf, hf_lite, tmp_p
 
     f32 = tmp_path / "f32.gguf"
     convert(hf_lite, f32, outtype="f32")
-    ours = lite.load(str(f32), device="cpu", experts_on="disk", expert_cache=1, ram_memory=800_000,
+    full = lite.load(str(f32), device="cpu", experts_on="device")
+    ours = lite.load(str(f32), device="cpu", experts_on="disk", expert_cache=1, ctx=32, ram_memory=disk_ram(full, 1, 4),
                      miss_policy="fetch").logits(PROMPT)  # fmt: skip
     ref = reference_logits(hf_lite, PROMPT)
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
@@ -183,7 +194,7 @@ def test_counters_cpu_policy_and_disk_reads(tiny_gguf):
     assert (t["hits"], t["misses"], t["cpu_experts"], t["bytes_h2d"]) == (0, 7, 7, 0)
     assert t["bytes_disk"] == 4 * raw  # experts 0..3 read once each; the RAM LRU holds them afterwards
     tight = engine_for(tiny_gguf, 2, {}, prefetch=False, miss_policy="cpu", experts_on="disk",
-                       ram_memory=2 * e.plan.expert_bytes)  # fmt: skip
+                       ram_memory=2 * sum(sp.nbytes for sp in e.specs.values()) + 2 * e.expert_bytes)  # fmt: skip
     for rows in ([[0, 1]], [[2, 3]], [[0, 1]]):
         call(tight, 1, rows)
     assert tight.stats()["total"]["bytes_disk"] == 6 * raw  # an LRU of 2 experts: 0 and 1 are read twice
@@ -363,7 +374,7 @@ def test_mixed_type_experts_run_through_every_tier(mixed_gguf):
     ]:
         opts = dict(experts_on=tier, expert_cache=slots, prefetch=prefetch, miss_policy=miss, cache_scope=scope)
         if tier == "disk":
-            opts["ram_memory"] = 5 * model.experts.expert_bytes  # an LRU of a few experts: real disk reads
+            opts["ram_memory"] = disk_ram(model, slots, 5)  # an LRU of a few experts: real disk reads
         pre, dec, st, _ = run(model, gguf_file, **opts)
         assert torch.equal(pre, base_pre), opts
         assert all(torch.equal(a, b) for a, b in zip(dec, base_dec)), opts
@@ -373,8 +384,43 @@ def test_mixed_type_experts_run_through_every_tier(mixed_gguf):
 def test_mixed_type_file_generates_the_same_off_the_device_tier(mixed_gguf):
     """`lite.load` as `lite run --experts-on ram|disk` calls it (the command that crashed): the same greedy tokens."""
     outs = []
+    full = lite.load(str(mixed_gguf), device="cpu", experts_on="device")
     for opts in ({"experts_on": "device"}, {"experts_on": "ram", "expert_cache": 1},
-                 {"experts_on": "disk", "expert_cache": 1, "ram_memory": 200_000}):  # fmt: skip
+                 {"experts_on": "disk", "expert_cache": 1, "ctx": 32, "ram_memory": disk_ram(full, 1, 4)}):  # fmt: skip
         model = lite.load(str(mixed_gguf), device="cpu", **opts)
         outs.append(list(model.generate(PROMPT, max_tokens=6, temperature=0.0)))
     assert outs[0] == outs[1] == outs[2] and len(outs[0]) > 0
+
+
+def test_prefill_moves_each_needed_expert_once_per_layer(tiny_model, tiny_gguf):
+    """A 300-token prompt behind 1-2 slots per layer: one forward per layer for the whole prompt, and each expert
+    the layer needs copied in once (bytes_h2d <= 1.1x the bytes of the experts it needs; prefetch on)."""
+    import lite.generate
+
+    gguf_file = GGUFFile(tiny_gguf)
+    prompt = [(7 * i + 3) % tiny_model.config.vocab_size for i in range(300)]
+    assert lite.generate.prefill_chunk(tiny_model.config, 4, all_logits=False) >= len(prompt)
+    old = tiny_model.experts
+    for slots, prefetch in ((1, False), (2, 1)):
+        engine = build_experts(old.stacks, old.predict, "cpu", tiny_model.dtype, gguf_file=gguf_file,
+                               experts_on="ram", expert_cache=slots, prefetch=prefetch, miss_policy="fetch")  # fmt: skip
+        tiny_model.transformer.experts = tiny_model.experts = engine
+        try:
+            tiny_model.session(512).feed(prompt)
+            st = engine.stats()
+        finally:
+            engine.close()
+            tiny_model.transformer.experts = tiny_model.experts = old
+        needed = sum((v["hits"] + v["misses"]) * engine.specs[layer].nbytes for layer, v in st["layers"].items())
+        assert st["total"]["hits"] + st["total"]["misses"] <= len(engine.layers) * engine.n_experts  # one pass
+        assert needed <= st["total"]["bytes_h2d"] + slots * len(engine.layers) * engine.expert_bytes
+        assert st["total"]["bytes_h2d"] <= 1.1 * needed, (slots, prefetch, st["total"]["bytes_h2d"], needed)
+
+
+def test_backends_implement_the_protocol(tiny_model):
+    from offload import ExpertBackend
+    from offload.resident import ResidentExperts
+
+    assert isinstance(tiny_model.experts, ExpertBackend)
+    assert isinstance(ResidentExperts(tiny_model.experts.stacks, "cpu", torch.float32), ExpertBackend)
+    assert not isinstance(object(), ExpertBackend)
