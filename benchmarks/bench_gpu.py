@@ -108,7 +108,7 @@ def bench_kernels(device: str, tiny: bool) -> None:
         copy_s = timed(lambda raw=raw: raw.clone(), sync, reps)  # read + write: 2 x size bytes
         for m in (1, 8, 512):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-            s = timed(lambda x=x, raw=raw: device_kernels.gguf_matmul(x, raw, qtype, n, k), sync, reps)
+            s = timed(lambda x=x, raw=raw, q=qtype: device_kernels.gguf_matmul(x, raw, q, n, k), sync, reps)
             print(json.dumps({"kernel": qtype.name, "M": m, "N": n, "K": k, "us": round(s * 1e6, 1),
                               "weight_GBps": round(size / s / 1e9, 1), "copy_GBps": round(2 * size / copy_s / 1e9, 1),
                               "TFLOPs": round(2 * m * n * k / s / 1e12, 2)}), flush=True)  # fmt: skip
@@ -162,7 +162,7 @@ def bench_model(device: str, layers: int, cache: str, prompt: int, decode: int, 
             sync()
             tg = decode / (time.perf_counter() - t0)
             total = model.stats().get("total", {})
-            syncs = count_syncs(lambda: s.feed([ids[-1]])) if device == "cuda" else -1
+            syncs = count_syncs(lambda s=s, t=ids[-1]: s.feed([t])) if device == "cuda" else -1
             print(json.dumps({
                 "model": label, "layers": layers, "prefill_tokens": prompt, "pp_tok_s": round(pp, 1),
                 "tg_tok_s": round(tg, 2), "effective_hit_rate": total.get("effective_hit_rate"),

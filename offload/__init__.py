@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from quant.errors import LiteError
-
 from offload.backend import ExpertBackend
+from quant.errors import LiteError
 
 __all__ = ["ExpertBackend", "ExpertEngine", "build_experts"]
 

@@ -28,8 +28,8 @@ from offload.experts import ExpertWeights, Raws, host_expert, moe_one_token, slo
 from offload.policy import Key, SlotLRU, prefetch_plan
 from offload.staging import StagingRing
 from offload.stats import ExpertStats
-from quant.device_kernels import ExpertSpec
 from quant import native
+from quant.device_kernels import ExpertSpec
 from quant.qmatrix import NATIVE_TYPES, cpu_kernel, device_kernels_forced
 
 # Disk tier: a prefetch only moves predicted experts that are already in RAM. A speculative disk read costs more

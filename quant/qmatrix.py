@@ -276,7 +276,8 @@ class QMatrix:
         if len(shape) != 2:
             raise ValueError(f"QMatrix needs a 2-D (out, in) shape, got {tuple(shape)}")
         n, k = (int(s) for s in shape)
-        layout = "gguf" if kernel == "gguf" else choose_layout(qtype, k, torch.device(layout_for or device).type, kernel)
+        target = torch.device(layout_for or device).type
+        layout = "gguf" if kernel == "gguf" else choose_layout(qtype, k, target, kernel)
         if layout == "dense":
             return cls.from_float(dequantize(raw, qtype, (n, k)), device, dtype, qtype=qtype)
         data = native.as_raw(raw) if layout == "gguf" else _as_uint8_tensor(raw)

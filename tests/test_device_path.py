@@ -27,7 +27,9 @@ CONFIGS = {  # experts resident (the grouped kernel on one pool per layer), and 
     "global": {"experts_on": "ram", "expert_cache": 3, "cache_scope": "global"},
 }
 
-SCRIPT = """
+SCRIPT = (
+    f"PROMPT, DECODE = {PROMPT}, {DECODE}\n"
+    + """
 import json, sys, torch, lite
 from quant.qmatrix import QMatrix
 path, out, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -35,10 +37,11 @@ m = lite.load(path, device="cpu", **opts)
 assert all(q.layout == "gguf" for q in m.transformer.weights.layers[1].shared.__dict__.values()
            if isinstance(q, QMatrix)), "the device path keeps every weight as GGUF blocks"
 s = m.session(32)
-pre = s.feed(%s, all_logits=True)
-dec = [s.feed([t]) for t in %s]
+pre = s.feed(PROMPT, all_logits=True)
+dec = [s.feed([t]) for t in DECODE]
 torch.save({"pre": pre, "dec": torch.stack(dec), "stats": m.stats().get("total", {})}, out)
-""" % (PROMPT, DECODE)
+"""
+)
 
 
 def device_path_logits(path: Path, out: Path, opts: dict) -> dict:

@@ -402,8 +402,8 @@ def test_prefill_moves_each_needed_expert_once_per_layer(tiny_model, tiny_gguf):
     assert lite.generate.prefill_chunk(tiny_model.config, 4, all_logits=False) >= len(prompt)
     old = tiny_model.experts
     for slots, prefetch in ((1, False), (2, 1)):
-        engine = build_experts(old.stacks, old.predict, "cpu", tiny_model.dtype, gguf_file=gguf_file,
-                               experts_on="ram", expert_cache=slots, prefetch=prefetch, miss_policy="fetch")  # fmt: skip
+        opts = dict(experts_on="ram", expert_cache=slots, prefetch=prefetch, miss_policy="fetch")
+        engine = build_experts(old.stacks, old.predict, "cpu", tiny_model.dtype, gguf_file=gguf_file, **opts)
         tiny_model.transformer.experts = tiny_model.experts = engine
         try:
             tiny_model.session(512).feed(prompt)
