@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cache_sim import report
-
     import lite
+    from offload.sim import report
     from offload.trace import read_trace
 
     probe = lite.load(args.model, device=args.device, experts_on="device")

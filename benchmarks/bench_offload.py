@@ -172,7 +172,7 @@ def cuda_time(fn, reps: int) -> float:
 
 
 def cuda_mode(layers: int) -> dict:
-    from lite.weights import ExpertStacks
+    from offload import ExpertStacks
     from offload import build_experts
     from offload.experts import expert_from_stacks
     from quant.gguf_file import GGUFFile

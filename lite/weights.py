@@ -8,7 +8,6 @@ layout and also the legacy single `attn_kv_b`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import gguf
 import numpy as np
@@ -18,18 +17,10 @@ from lite.config import ModelArgs
 from lite.errors import LiteError
 from lite.gguf_names import split_kv_b
 from lite.model import AttentionWeights, LayerWeights, MLPWeights, Weights
+from offload.experts import ExpertStacks
 from quant.formats import dequantize
 from quant.gguf_file import TensorRef
 from quant.qmatrix import QMatrix
-
-
-@dataclass
-class ExpertStacks:
-    """One MoE layer's routed experts as GGUF stacks, each of shape (n_expert, out, in)."""
-
-    gate: TensorRef
-    up: TensorRef
-    down: TensorRef
 
 
 class Embedding:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from offload.experts import ExpertWeights, Raws, host_expert, moe_one_token, slot_expert, write_expert
-from offload.policy import Key, SlotLRU, prefetch_plan
+from offload.policy import Key, SlotLRU, next_slot, plan_call, prefer_cpu, prefetch_plan
 from offload.staging import StagingRing
 from offload.stats import ExpertStats
 from quant import native
@@ -212,14 +212,7 @@ class ExpertEngine:
         self.cpu_cost = (times[0], max(times[1] - times[0], 0.0) / 7)
 
     def _choose_cpu(self, n_tokens: int) -> bool:
-        if self.miss_policy != "auto":
-            return self.miss_policy == "cpu"
-        assert self.cpu_cost is not None and self.copy_s is not None
-        cpu_s = self.cpu_cost[0] + self.cpu_cost[1] * (n_tokens - 1)
-        # On CUDA the device computes a resident expert almost for free; with device="cpu" the "device" is
-        # the same CPU, so fetching costs the copy on top of the same compute.
-        fetch_s = self.copy_s + (0.0 if self.cuda else cpu_s)
-        return cpu_s <= fetch_s
+        return prefer_cpu(self.miss_policy, n_tokens, self.cpu_cost, self.copy_s, device_free=self.cuda)
 
     # ---- the ExpertBackend interface ------------------------------------------------------------
     def on_residual(self, layer: int, h: torch.Tensor) -> None:
@@ -266,31 +259,19 @@ class ExpertEngine:
                 a += c
 
         keys = [(layer, e) for e in experts]
-        hits: list[Key] = []
-        to_cpu: list[Key] = []
-        to_fetch: list[Key] = []
-        for key in keys:
-            if key in self.lru:
-                self.lru.touch(key)
-                hits.append(key)
-                self.stats_.add(layer, "hits")
-                if key in self.prefetched:
-                    self.prefetched.discard(key)
-                    self.stats_.add(layer, "prefetches_used")
-            else:
-                self.stats_.add(layer, "misses")
-                (to_cpu if self._choose_cpu(n_rows[key[1]]) else to_fetch).append(key)
-        # Start every fetch that has a slot without evicting a needed expert; the rest wait their turn.
-        needed = set(keys)
-        issued, deferred = [], []
-        for key in to_fetch:
-            got = self.lru.allocate(key, needed)
-            if got is None:
-                deferred.append(key)
-                continue
-            if got[1] is not None:
-                self.prefetched.discard(got[1])
-            self._issue(key, got[0])
+        plan = plan_call(self.lru, keys, lambda key: self._choose_cpu(n_rows[key[1]]))
+        hits, to_cpu, deferred = plan.hits, plan.to_cpu, plan.deferred
+        for key in hits:
+            self.stats_.add(layer, "hits")
+            if key in self.prefetched:
+                self.prefetched.discard(key)
+                self.stats_.add(layer, "prefetches_used")
+        self.stats_.add(layer, "misses", len(keys) - len(hits))
+        issued = []
+        for key, slot, evicted in plan.issued:
+            if evicted is not None:
+                self.prefetched.discard(evicted)
+            self._issue(key, slot)
             issued.append(key)
 
         self._hit_set = set(hits)
@@ -326,11 +307,10 @@ class ExpertEngine:
             run_slot(key, miss=True)
         remaining = set(deferred)
         for key in deferred:  # fewer slots than experts: evict ones already computed
-            got = self.lru.allocate(key, remaining)
-            assert got is not None, "a layer needs at least one expert slot"
-            if got[1] is not None:
-                self.prefetched.discard(got[1])
-            self._issue(key, got[0])
+            slot, evicted = next_slot(self.lru, key, remaining)
+            if evicted is not None:
+                self.prefetched.discard(evicted)
+            self._issue(key, slot)
             run_slot(key, miss=True)
             remaining.discard(key)
 

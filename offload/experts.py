@@ -24,6 +24,15 @@ Raws = tuple[np.ndarray, np.ndarray, np.ndarray]  # an expert's gate, up and dow
 
 
 @dataclass
+class ExpertStacks:
+    """One MoE layer's routed experts as GGUF stacks (`quant.gguf_file.TensorRef`), each (n_expert, out, in)."""
+
+    gate: Any
+    up: Any
+    down: Any
+
+
+@dataclass
 class ExpertWeights:
     gate: QMatrix  # (moe_ff, hidden)
     up: QMatrix  # (moe_ff, hidden)

@@ -1,14 +1,16 @@
 """Policy, apart from mechanism: which expert sits in which device slot, what to evict, what to prefetch.
 
 Keys are (layer, expert). Slots are grouped: "layer" gives every MoE layer its own fixed set of slots (a
-layer's traffic never evicts another layer's experts), "global" pools all slots in one LRU. The cache
-simulator (benchmarks/cache_sim.py) replays routing traces through these same classes.
+layer's traffic never evicts another layer's experts), "global" pools all slots in one LRU. The engine
+(offload/engine.py) and the cache simulator (offload/sim.py) both decide through `plan_call`, `prefetch_plan` and
+`prefer_cpu`, so simulated and measured counters agree.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 Key = tuple[int, int]
 
@@ -67,14 +69,56 @@ class SlotLRU:
         return [k for order in self.order.values() for k in order]
 
 
-def predicted_keys(layer: int, ids_rows: Iterable[Iterable[int]]) -> list[Key]:
-    """Distinct (layer, expert) keys of a prediction, in order of first appearance (most confident first when
-    the router returns its top-k sorted)."""
-    seen: dict[Key, None] = {}
-    for row in ids_rows:
-        for e in row:
-            seen.setdefault((layer, int(e)), None)
-    return list(seen)
+@dataclass
+class CallPlan:
+    """What one MoE-layer call does with the experts it needs (all keys of one layer)."""
+
+    hits: list[Key] = field(default_factory=list)  # resident: touched, computed where they are
+    to_cpu: list[Key] = field(default_factory=list)  # missing, computed on the CPU from the host copy
+    issued: list[tuple[Key, int, Key | None]] = field(default_factory=list)  # missing, copied now: (key, slot, evicted)
+    deferred: list[Key] = field(default_factory=list)  # missing, no free slot yet: each waits for `next_slot`
+
+
+def plan_call(lru: SlotLRU, keys: list[Key], run_on_cpu: Callable[[Key], bool] = lambda key: False) -> CallPlan:
+    """Admit a call's experts: hits are touched; each miss runs on the CPU (`run_on_cpu`) or gets a slot without
+    evicting another expert of this call; the misses left without one are deferred (fewer slots than experts)."""
+    plan = CallPlan()
+    to_fetch = []
+    for key in keys:
+        if key in lru:
+            lru.touch(key)
+            plan.hits.append(key)
+        else:
+            (plan.to_cpu if run_on_cpu(key) else to_fetch).append(key)
+    needed = set(keys)
+    for key in to_fetch:
+        got = lru.allocate(key, needed)
+        if got is None:
+            plan.deferred.append(key)
+        else:
+            plan.issued.append((key, got[0], got[1]))
+    return plan
+
+
+def next_slot(lru: SlotLRU, key: Key, remaining: set[Key]) -> tuple[int, Key | None]:
+    """A slot for a deferred expert: evict one of this call's experts that has already been computed."""
+    got = lru.allocate(key, remaining)
+    assert got is not None, "a layer needs at least one expert slot"
+    return got
+
+
+def prefer_cpu(
+    miss_policy: str, n_tokens: int, cpu_cost: tuple[float, float] | None, copy_s: float | None, device_free: bool
+) -> bool:
+    """Whether a missing expert needed by `n_tokens` tokens runs on the CPU rather than being fetched.
+
+    "auto" compares measured costs: the CPU's (1 token, then per extra token) against the copy, plus the compute
+    when the "device" is this same CPU (`device_free` False); a GPU computes a resident expert almost for free."""
+    if miss_policy != "auto":
+        return miss_policy == "cpu"
+    assert cpu_cost is not None and copy_s is not None, "miss_policy='auto' needs measured costs"
+    cpu_s = cpu_cost[0] + cpu_cost[1] * (n_tokens - 1)
+    return cpu_s <= copy_s + (0.0 if device_free else cpu_s)
 
 
 def prefetch_plan(

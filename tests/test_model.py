@@ -196,7 +196,7 @@ def test_generate_continues_a_session(lite_model):
 
 
 def test_resident_experts_equal_per_token_sum():
-    from lite.weights import ExpertStacks
+    from offload import ExpertStacks
     from offload.resident import ResidentExperts
 
     g = torch.Generator().manual_seed(0)

@@ -125,7 +125,7 @@ def test_engine_matches_resident_experts_and_reference(tiny_gguf, hf_lite, tmp_p
 
 def engine_for(path: Path, slots: int, predicted: dict, **opts) -> ExpertEngine:
     """An engine over the file's expert stacks whose predictor returns `predicted[layer]` (a list of rows)."""
-    from lite.weights import ExpertStacks
+    from offload import ExpertStacks
 
     f = GGUFFile(path)
     stacks = {}
@@ -149,7 +149,7 @@ def call(engine: ExpertEngine, layer: int, rows: list[list[int]]) -> torch.Tenso
 
 
 def test_counters_on_constructed_routing(tiny_gguf):
-    from cache_sim import simulate_prefetch
+    from offload.sim import simulate_prefetch
 
     # MoE layers 1 and 2, 2 slots each, single tokens with top-2 routing; layer 2's experts are predicted
     # from layer 1's residual (lookahead 1); nothing predicts layer 1 (layer 0's on_residual is not called)
@@ -250,8 +250,7 @@ def test_one_token_runs_its_experts_in_one_native_call(tiny_gguf):
 
 
 def test_trace_recorder_on_a_model(tiny_gguf, tmp_path):
-    from cache_sim import report
-
+    from offload.sim import report
     from offload.trace import TraceRecorder, read_trace
 
     m = lite.load(str(tiny_gguf), device="cpu", experts_on="ram", expert_cache=2)

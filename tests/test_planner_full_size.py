@@ -64,7 +64,7 @@ def test_slot_layout_matches_the_engine(files):
         from offload.experts import spec_of
     except ImportError as e:  # the engine side is not there yet
         pytest.skip(f"offload.experts.spec_of unavailable: {e}")
-    from lite.weights import ExpertStacks
+    from offload import ExpertStacks
 
     f = GGUFFile(files["lite"])
     _, sizes = plan_file(files["lite"], "cuda", gpu_memory="8GiB", ram_memory="64GiB", ctx=4096)
