@@ -20,7 +20,7 @@ from lite.model import AttentionWeights, LayerWeights, MLPWeights, Weights
 from offload.experts import ExpertStacks
 from quant.formats import dequantize
 from quant.gguf_file import TensorRef
-from quant.qmatrix import QMatrix
+from quant.qmatrix import QMatrix, device_kernels_forced
 
 
 class Embedding:
@@ -81,6 +81,12 @@ def load_weights(
 ) -> tuple[Weights, dict[int, ExpertStacks]]:
     """Build the resident weights (dense ones on `device`) and collect each MoE layer's expert stacks."""
     rd = _Reader(tensors, torch.device(device), dtype)
+    if rd.device.type == "cuda" or device_kernels_forced():  # every matrix is multiplied by the device kernels
+        from quant import device_kernels
+
+        for name, ref in tensors.items():
+            if len(ref.shape) >= 2 and name != "token_embd.weight":  # the embedding stays on the CPU
+                device_kernels.check_supported(ref.qtype, name)
     d, H = args.hidden_size, args.num_attention_heads
     n, p, v, r = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim, args.kv_lora_rank
     layers, stacks = [], {}

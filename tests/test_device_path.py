@@ -87,3 +87,17 @@ def test_device_path_matches_cpu_path(files, name, tmp_path, monkeypatch):
             assert torch.equal(a.argmax(-1), b.argmax(-1)), (name, label)
         if label == "cached":
             assert got["stats"]["misses"] > 0 and got["stats"]["bytes_h2d"] > 0  # experts really moved
+
+
+def test_a_type_the_device_kernels_lack_is_refused_by_name(files, tmp_path):
+    """Never a silent bf16 expansion: one LiteError naming the tensor and its type."""
+    import gguf
+    from retype_gguf import retype
+
+    bad = retype(files["mixed"], tmp_path / "q5_1.gguf",
+                 lambda ref: gguf.GGMLQuantizationType.Q5_1 if ref.name == "blk.2.ffn_up_exps.weight" else None)  # fmt: skip
+    code = "import lite, sys\ntry:\n    lite.load(sys.argv[1], device='cpu')\nexcept lite.LiteError as e:\n    print(e)"
+    env = {**os.environ, "LITE_DEVICE_KERNELS": "triton", "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(bad)], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert "tensor blk.2.ffn_up_exps.weight has type Q5_1, which the device kernels cannot multiply" in out.stdout
