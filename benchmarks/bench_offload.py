@@ -172,9 +172,8 @@ def cuda_time(fn, reps: int) -> float:
 
 
 def cuda_mode(layers: int) -> dict:
-    from offload import ExpertStacks
-    from offload import build_experts
-    from offload.experts import expert_from_stacks
+    from offload import ExpertStacks, build_experts
+    from offload.experts import expert_raws, host_expert, spec_of, write_expert
     from quant.gguf_file import GGUFFile
 
     out: dict = {"device": torch.cuda.get_device_name()}
@@ -187,20 +186,20 @@ def cuda_mode(layers: int) -> dict:
                   for i in range(1, layers + 1)}  # fmt: skip
         st = stacks[1]
         out["expert_file_bytes"] = sum(r.nbytes // n_exp for r in (st.gate, st.up, st.down))
-        host = expert_from_stacks(st, 0, "cpu", torch.bfloat16)  # CPU layout, for CPU compute
-        from offload.experts import expert_from_raw
-
-        raws = tuple(r.slice_bytes(0) for r in (st.gate, st.up, st.down))
-        staged = expert_from_raw(raws, st, "cpu", torch.bfloat16, layout_for="cuda")
-        pinned = staged.pin_memory()
-        slot = staged.empty_like("cuda")
-        out["expert_bytes"] = slot.nbytes
+        spec, raws = spec_of(st), expert_raws(st, 0)
+        host = host_expert(raws, spec)  # the mmap's bytes, for CPU compute
+        pinned = torch.empty(spec.nbytes, dtype=torch.uint8, pin_memory=True)
+        staged = torch.empty(spec.nbytes, dtype=torch.uint8)
+        write_expert(pinned, raws, spec)
+        write_expert(staged, raws, spec)
+        slot = torch.empty(spec.nbytes, dtype=torch.uint8, device="cuda")
+        out["expert_bytes"] = spec.nbytes
         for name, src in (("pinned", pinned), ("pageable", staged)):
             slot.copy_(src, non_blocking=True)
             s = cuda_time(lambda src=src: slot.copy_(src, non_blocking=True), 50)
             out[f"h2d_{name}_ms"] = s * 1e3
             out[f"h2d_{name}_GBps"] = slot.nbytes / s / 1e9
-        x = torch.randn(1, hidden, dtype=torch.bfloat16)
+        x = torch.randn(1, hidden)
         host(x)
         t0 = time.perf_counter()
         for _ in range(20):

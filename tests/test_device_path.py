@@ -94,8 +94,10 @@ def test_a_type_the_device_kernels_lack_is_refused_by_name(files, tmp_path):
     import gguf
     from retype_gguf import retype
 
-    bad = retype(files["mixed"], tmp_path / "q5_1.gguf",
-                 lambda ref: gguf.GGMLQuantizationType.Q5_1 if ref.name == "blk.2.ffn_up_exps.weight" else None)  # fmt: skip
+    q5_1 = gguf.GGMLQuantizationType.Q5_1
+    bad = retype(
+        files["mixed"], tmp_path / "q5_1.gguf", lambda ref: q5_1 if ref.name == "blk.2.ffn_up_exps.weight" else None
+    )
     code = "import lite, sys\ntry:\n    lite.load(sys.argv[1], device='cpu')\nexcept lite.LiteError as e:\n    print(e)"
     env = {**os.environ, "LITE_DEVICE_KERNELS": "triton", "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code, str(bad)], env=env, capture_output=True, text=True, timeout=300,
