@@ -94,9 +94,12 @@ def tier_child(path: str, tier: str, tokens: int, hot: bool) -> dict:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nothing maps the file yet: this drops its pages
         os.close(fd)
     _, sizes = plan_file(path, device="cpu")
-    opts = {"experts_on": tier, "expert_cache": 2 * sizes.experts_per_token, "miss_policy": "auto"}
-    if tier == "disk":
-        opts.update(ram_memory=sizes.expert_total // 4, drop_page_cache=not hot)
+    slots, ctx = 2 * sizes.experts_per_token, 16 + tokens + 1
+    opts = {"experts_on": tier, "expert_cache": slots, "miss_policy": "auto", "ctx": ctx}
+    if tier == "disk":  # on the CPU one RAM budget holds the latent cache, the slots and the LRU (25% of experts)
+        slot_bytes = slots * sum(sizes.expert_bytes_by_layer.values())
+        ram = sizes.expert_total // 4 + slot_bytes + sizes.latent_bytes(ctx, 4)
+        opts.update(ram_memory=ram, drop_page_cache=not hot)
     m = lite.load(path, device="cpu", **opts)
     tps = decode_tps(m, tokens)
     return {"tier": tier, "tps": tps, "stats": m.stats()["total"]}
