@@ -238,10 +238,15 @@ class ExpertEngine:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden], ids: [T, k], weights: [T, k] -> [T, hidden]
         if ids.shape[0] == 1:  # decode: no sorting, no index tensors
-            row = ids[0].tolist()  # the routing decision has to reach the host (one sync per layer)
+            k = ids.shape[1]
+            if self.cuda:  # ids and weights reach the host in one transfer (float64 holds both exactly)
+                both = torch.cat([ids[0].double(), weights[0].double()]).tolist()
+                row, w_row = [int(e) for e in both[:k]], both[k:]
+            else:
+                row, w_row = ids[0].tolist(), weights[0].tolist()
             experts = sorted(row)
             inputs = {e: x for e in experts}
-            scale = dict(zip(row, weights[0].tolist()))  # python floats: no per-expert tensor indexing
+            scale = dict(zip(row, w_row))  # python floats: no per-expert tensor indexing
             n_rows = {e: 1 for e in experts}
         else:
             k = ids.shape[1]
