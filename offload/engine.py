@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from offload.experts import ExpertWeights, Raws, host_expert, moe_one_token, slot_expert, write_expert
+from offload.planner import STAGING_BUFFERS  # pinned buffers in flight at once (CUDA); the planner counts them
 from offload.policy import Key, SlotLRU, next_slot, plan_call, prefer_cpu, prefetch_plan
 from offload.staging import StagingRing
 from offload.stats import ExpertStats
@@ -36,7 +37,6 @@ from quant.qmatrix import NATIVE_TYPES, cpu_kernel, device_kernels_forced
 # than it brings: at this machine's ~1 GB/s a wrong 4.9 MB read holds the disk for 5 ms, and cold-read decode ran
 # 0.63x of the RAM tier with no such reads vs 0.31x with them (benchmarks/README.md "Offload").
 DISK_READS_PER_PREFETCH = 0
-STAGING_BUFFERS = 8  # pinned buffers in flight at once (CUDA): a layer's worth of top-6 copies, and some
 
 
 def _align(n: int) -> int:
