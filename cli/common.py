@@ -11,12 +11,21 @@ import torch
 from rich.console import Console
 
 from lite.errors import LiteError
-from lite.sampling import SamplingParams
+from lite.sampling import SamplingParams, check
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "lite" / "data" / "demo.gguf"
 DEFAULTS = SamplingParams()
 DEFAULT_CTX = 4096
 DEFAULT_MAX_TOKENS = 512
+
+
+def unexpected(e: BaseException) -> str:
+    """One line for an error lite did not anticipate: its type, the first line of its message, and --debug."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    what = type(e).__name__ + (f": {text}" if text else "")
+    return f"error: unexpected {what} (a bug in lite; run again with --debug for the traceback)"
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -90,24 +99,23 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace, metadata: dict[str, Any] | None = None) -> SamplingParams:
-    """Flags first, then the model's recommended values (GGUF `general.sampling.*`), then lite's defaults.
-    Call it once without metadata before loading, to reject bad flags early."""
+    """Flags first, then the model's recommended values (GGUF `general.sampling.*`), then lite's defaults;
+    each checked by `lite.sampling.check` under the name the user gave it. Call it once without metadata
+    before loading, to reject bad flags early."""
     md = metadata or {}
-    params = SamplingParams(seed=args.seed)
+    values: dict[str, Any] = {}
     for flag, (field, key) in SAMPLING_FLAGS.items():
-        value = getattr(args, flag)
-        if value is None:
-            value = md.get(key, getattr(params, field))
-        elif value < 0 or math.isnan(value):
-            raise LiteError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
-        setattr(params, field, type(getattr(params, field))(value))
+        value, label = getattr(args, flag), f"--{flag.replace('_', '-')}"
+        if value is None and key in md:
+            value, label = md[key], f"the model's {key} (override it with {label})"
+        if value is not None:
+            values[field] = check(field, value, label)
     if "general.sampling.penalty_last_n" in md:
-        params.repeat_last_n = int(md["general.sampling.penalty_last_n"])
-    if not 0 <= params.top_p <= 1 or not 0 <= params.min_p <= 1:
-        raise LiteError("--top-p and --min-p must lie between 0 and 1")
-    if args.max_tokens < 1:
-        raise LiteError(f"-n/--max-tokens must be at least 1, got {args.max_tokens}")
-    return params
+        key = "general.sampling.penalty_last_n"
+        values["repeat_last_n"] = check("repeat_last_n", md[key], f"the model's {key}")
+    values["seed"] = check("seed", args.seed, "--seed")
+    check("max_tokens", args.max_tokens, "-n/--max-tokens")
+    return SamplingParams(**values)
 
 
 def offload_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 
 from lite.cache import LatentCache
 from lite.errors import LiteError
-from lite.sampling import SamplingParams, sample
+from lite.sampling import SamplingParams, check, sample
 
 PREFILL_CHUNK = 256  # tokens per forward in prefill: bounds the [H, T, S] score tensor
 
@@ -88,7 +88,8 @@ def generate(
     tokens = [int(t) for t in tokens]
     if not tokens:
         raise LiteError("generate needs a non-empty prompt (at least a BOS token)")
-    params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+    params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)  # checks each value
+    max_tokens = check("max_tokens", max_tokens)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     if session is None:
         session = model.session(min(len(tokens) + max_tokens, model.max_context))
