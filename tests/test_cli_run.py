@@ -3,12 +3,10 @@ converted models."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,34 +26,6 @@ def lite_subprocess(*args: str, stdin: str | None = None) -> subprocess.Complete
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return proc
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def lite(capsys, monkeypatch):
-    """`lite ARGS...` in this process (like a Click runner): cli.main.main with captured output."""
-    from cli.main import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("NO_COLOR", "1")
-
-    def call(*args: str, stdin: str | None = None, check: bool = True) -> Result:
-        capsys.readouterr()
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        if check:
-            assert code == 0, err
-        return Result(code, out, err)
-
-    return call
 
 
 @pytest.fixture(scope="session")
