@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if total:
         cache = Table(title="expert cache (timed runs)", show_header=False)
         for k, v in total.items():
-            cache.add_row(
-                k, common.human_bytes(v) if k.startswith("bytes") else f"{v:.3f}" if isinstance(v, float) else str(v)
-            )
+            cache.add_row(k, common.stat_value(k, v))  # as /stats shows them: None is n/a
         console.print(cache)
     else:
         console.print("expert cache: no statistics (all experts resident)", style="dim")
