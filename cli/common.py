@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,38 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "lite" / "data" / "demo.gg
 DEFAULTS = SamplingParams()
 DEFAULT_CTX = 4096
 DEFAULT_MAX_TOKENS = 512
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP turned into an exception in the main thread, so `finally` blocks clean up as they do
+    for Ctrl+C (KeyboardInterrupt); `main` exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP (a closed terminal) raise `Terminated` instead of killing the
+    process on the spot; the previous handlers come back afterwards."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave the default
+                pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def unexpected(e: BaseException) -> str:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
-    from cli.common import unexpected
+    from cli.common import Terminated, unexpected
     from lite.errors import LiteError
 
     debug = bool(getattr(args, "debug", False))
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:  # SIGTERM/SIGHUP where a command asked for a clean exit (lite convert)
+        try:
+            print(f"terminated by {e}", file=sys.stderr)
+        except OSError:  # SIGHUP: the terminal may be gone
+            pass
+        return 128 + e.signum
     except BrokenPipeError:  # e.g. `lite run … | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
