@@ -192,7 +192,9 @@ def resolve_model(path: str | None) -> Path:
             "`lite convert HF_DIR -o model.gguf` (e.g. DeepSeek-V2-Lite-Chat) and pass model.gguf"
         )
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise LiteError(f"{path} is a directory, not a model file; pass the .gguf file itself")
+    if not p.exists():
         raise LiteError(f"model file not found: {path}; pass the path of a .gguf file")
     return p
 

@@ -42,6 +42,11 @@ class Session:
             start = len(self.tokens)
             tokens = torch.tensor(chunk, dtype=torch.long)
             logits = self.model.transformer.forward(tokens, self.cache, start, all_logits=all_logits)
+            if (all_logits or last) and not bool(torch.isfinite(logits).all()):
+                raise LiteError(
+                    f"the model produced NaN or Inf logits at position {start + len(chunk) - 1}: a weight holds NaN or "
+                    "Inf (lite checks large weights at load only by sampling rows) or the computation overflowed"
+                )
             self.tokens.extend(chunk)
             if all_logits or last:
                 outs.append(logits)

@@ -128,9 +128,11 @@ def load(
     cache_dtype: latent cache dtype (same defaults); options go to `offload.build_experts`
     (gpu_memory, ram_memory, experts_on, expert_cache, prefetch, miss_policy).
     """
+    from quant.finite import check_finite
     from quant.gguf_file import GGUFFile
 
-    f = GGUFFile(path)  # raises LiteError for a missing or garbled file
+    f = GGUFFile(path)  # raises LiteError for a missing, truncated or garbled file
+    check_finite(f.tensors, f.path)  # NaN/Inf in a weight: small tensors in full, large ones sampled
     args = ModelArgs.from_gguf(f.metadata)
     return Model(
         args,
