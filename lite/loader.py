@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lite.config import ModelArgs
+from lite.config import ModelArgs, check_tensor_layers
 from lite.errors import LiteError
 from lite.generate import Session, generate
 from lite.model import Transformer, gate_scores, rms_norm
@@ -133,7 +133,8 @@ def load(
 
     f = GGUFFile(path)  # raises LiteError for a missing, truncated or garbled file
     check_finite(f.tensors, f.path)  # NaN/Inf in a weight: small tensors in full, large ones sampled
-    args = ModelArgs.from_gguf(f.metadata)
+    args = ModelArgs.from_gguf(f.metadata)  # checks the metadata's types, ranges and agreement
+    check_tensor_layers(args, f.tensors)
     return Model(
         args,
         f.tensors,
