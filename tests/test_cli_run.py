@@ -192,7 +192,12 @@ def test_every_flag_is_in_help_and_readme(command):
     section = section[: section.find("\n### ", 4) if "\n### " in section[4:] else len(section)]
     for action in sub._actions:
         for flag in action.option_strings:
-            if flag in ("-h", "--help"):
+            if flag in ("-h", "--help", "--debug"):  # every command's; README says so once
                 continue
             assert flag in help_text, (command, flag)
             assert flag in section, f"README's `lite {command}` section lacks {flag}"
+
+
+def test_global_flags_are_documented():
+    readme = (ROOT / "README.md").read_text()
+    assert "`--debug`" in readme and "`lite --version`" in readme
