@@ -66,16 +66,23 @@ class TurnStats:
         return self.cache_hits / n if n else None
 
 
+_peak_seen = 0
+
+
 def process_peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes: the kernel's high-water mark (getrusage), so it
-    never goes down from one turn to the next; the current RSS where getrusage is unavailable."""
+    """Peak resident memory of this process so far, in bytes; it never goes down. The kernel's high-water mark
+    (getrusage; updated lazily) combined with every RSS this function has seen."""
+    global _peak_seen
     current = psutil.Process().memory_info().rss
     try:
         import resource
+
+        kernel = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        kernel = kernel if sys.platform == "darwin" else kernel * 1024
     except ImportError:  # Windows
-        return current
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return max(current, peak if sys.platform == "darwin" else peak * 1024)
+        kernel = 0
+    _peak_seen = max(_peak_seen, current, kernel)
+    return _peak_seen
 
 
 def cache_counts(stats: dict[str, Any]) -> tuple[int, int]:

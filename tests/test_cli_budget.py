@@ -5,6 +5,7 @@ the flags. In-process on the bundled demo model (512-token context, 3 MoE layers
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -128,3 +129,9 @@ def test_bench_with_no_arguments_fits_the_model(lite):
     assert (rec["n_prompt"], rec["n_gen"], rec["ctx"]) == (384, 128, 512)
     rec = json.loads(lite("bench", "-r", "1", "-c", "64", "--json").stdout)
     assert (rec["n_prompt"], rec["n_gen"], rec["ctx"]) == (48, 16, 64)
+
+
+@needs_demo
+def test_bench_table_says_n_a_as_stats_does(lite):
+    out = lite("bench", "-r", "1", "-p", "8", "-n", "4").stdout
+    assert re.search(r"prefetch_precision\s+│\s+n/a", out) and "None" not in out
