@@ -124,7 +124,7 @@ def _os_error(e: OSError, out: Path) -> LiteError:
         errno.EROFS: ("the file system is read-only", "write elsewhere with -o"),
         errno.EACCES: ("permission denied", "write elsewhere with -o, or fix the folder's permissions"),
         errno.EPERM: ("operation not permitted", "write elsewhere with -o, or fix the folder's permissions"),
-    }.get(e.errno, (reason, "write elsewhere with -o"))
+    }.get(e.errno or 0, (reason, "write elsewhere with -o"))
     return LiteError(f"cannot write {out}: {why}; {fix}")
 
 

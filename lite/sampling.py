@@ -54,7 +54,7 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     if kind is int:
         if not isinstance(v, Integral) and not (math.isfinite(v) and float(v).is_integer()):
             raise error
-        v = int(v)
+        v = int(v) if isinstance(v, Integral) else int(float(v))
     else:
         v = float(v)
         if not math.isfinite(v):
