@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -185,8 +186,9 @@ def load_model(
 
     path = resolve_model(args.model)
     if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise LiteError(f"-t/--threads must be at least 1, got {args.threads}")
+        most = 4 * (os.cpu_count() or 1)  # far more OpenMP threads than cores crashes torch (100000: SIGSEGV)
+        if not 1 <= args.threads <= most:
+            raise LiteError(f"-t/--threads must be from 1 to {most} (4 x the CPU count), got {args.threads}")
         torch.set_num_threads(args.threads)
     sizes = budget.model_sizes(path, budget.planner_device(args.device))
     requested = ctx if ctx is not None else getattr(args, "ctx_size", None)

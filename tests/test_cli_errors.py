@@ -5,6 +5,7 @@ bundled demo model (512-token context, 16 experts per layer)."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -31,6 +32,10 @@ def one_error_line(result, code: int = 2) -> str:
         (("--seed", str(2**64)), f"error: --seed must be a whole number from 0 to {SEED_MAX}, got {2**64}"),
         (("--top-k", "-3"), "error: --top-k must be a whole number >= 0 (0 = off), got -3"),
         (("-n", "0"), "error: -n/--max-tokens must be a whole number >= 1, got 0"),
+        (
+            ("-t", "100000"),
+            f"error: -t/--threads must be from 1 to {4 * (os.cpu_count() or 1)} (4 x the CPU count), got 100000",
+        ),  # torch segfaults on that many threads
     ],
 )
 def test_bad_sampling_flags_are_one_line(lite, args, message):
