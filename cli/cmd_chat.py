@@ -6,6 +6,8 @@ import argparse
 import os
 import signal
 import sys
+import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
     console.print(common.header_line(path, model, ctx), style="bold")
     console.print('/help for commands · """ for several lines · Ctrl+D to exit', style="dim")
     history = setup_readline()
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes reach Chat.send as surrogates, not an exception
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
-        repl(chat, console)
+        repl(chat, console, debug=bool(getattr(args, "debug", False)))
     finally:
         save_history(history)
     return 0
@@ -104,7 +108,9 @@ def read_message() -> str:
         lines.append(line)
 
 
-def repl(chat: Chat, console: Console) -> None:
+def repl(chat: Chat, console: Console, debug: bool = False) -> None:
+    """Read and answer until /exit, Ctrl+D or Ctrl+C twice. No input ends the session: a failed command or
+    turn prints why and leaves the conversation as it was before it."""
     interrupts = 0
     while True:
         try:
@@ -119,24 +125,30 @@ def repl(chat: Chat, console: Console) -> None:
                 return
             console.print("\n(Ctrl+C again or Ctrl+D to exit)", style="dim")
             continue
+        except UnicodeDecodeError:  # a stdin that could not be reconfigured
+            console.print("error: the input was not valid UTF-8; type it again", style="red")
+            continue
         interrupts = 0
         if not text.strip():
             continue
-        if text.startswith("/"):
-            try:
+        try:
+            if text.startswith("/"):
                 if command(chat, console, text) == "exit":
                     return
-            except LiteError as e:
-                console.print(f"error: {e}", style="red")
-            continue
-        try:
-            stream_reply(chat, console, chat.send(text))
+            else:
+                stream_reply(chat, console, chat.send(text))
         except LiteError as e:
             console.print(f"error: {e}", style="red")
+        except KeyboardInterrupt:
+            console.print("(interrupted; the conversation is as it was)", style="yellow")
+        except Exception as e:
+            if debug:
+                console.print(traceback.format_exc(), style="red")
+            console.print(f"{common.unexpected(e)}; the conversation is as it was", style="red")
 
 
 @contextmanager
-def ctrl_c_stops(chat: Chat):
+def ctrl_c_stops(chat: Chat) -> Iterator[None]:
     """While a reply streams, Ctrl+C asks the chat to stop at the next token instead of raising."""
     previous = signal.signal(signal.SIGINT, lambda *_: chat.stop())
     try:
@@ -145,14 +157,39 @@ def ctrl_c_stops(chat: Chat):
         signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def no_echo(stream: Any = None) -> Iterator[None]:
+    """While a reply streams, keys typed are not echoed into its text; they stay queued for the next prompt
+    (readline shows them there). A no-op when `stream` (stdin) is not a terminal."""
+    try:
+        import termios
+
+        fd = (stream or sys.stdin).fileno()
+        old = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (ImportError, ValueError, OSError):
+        old = None
+    if old is None:
+        yield
+        return
+    quiet = list(old)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
 def stream_reply(chat: Chat, console: Console, pieces: Any) -> None:
     out = sys.stdout
-    with ctrl_c_stops(chat):
-        for piece in pieces:
-            out.write(piece)
-            out.flush()
-    out.write("\n")
-    out.flush()
+    try:
+        with ctrl_c_stops(chat), no_echo():
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+    finally:
+        out.write("\n")
+        out.flush()
     s = chat.last
     if s is None:
         return
@@ -168,12 +205,20 @@ def rate(tps: float | None) -> str:
 
 
 def footer(s: TurnStats) -> str:
+    """One line after a reply: this turn's tokens, speeds and hit rate; the process's peak memory so far."""
     hit = f"{100 * s.hit_rate:.0f}%" if s.hit_rate is not None else "n/a"
+    ttft = f"{1000 * s.ttft:.0f} ms" if s.gen_tokens else "–"  # nothing generated: no first token
+    peak = f"peak RSS {common.human_bytes(s.peak_rss)}" + (
+        f" · peak GPU {common.human_bytes(s.peak_gpu)}" if s.peak_gpu else ""
+    )
     return (
         f"prompt {s.prompt_tokens} tok {rate(s.prompt_tps)} · gen {s.gen_tokens} tok {rate(s.gen_tps)} · "
-        f"TTFT {1000 * s.ttft:.0f} ms · ctx {s.ctx_used}/{s.ctx} · expert hits {hit} · "
-        f"peak {common.human_bytes(s.peak_rss)}" + (f" RAM, {common.human_bytes(s.peak_gpu)} GPU" if s.peak_gpu else "")
+        f"TTFT {ttft} · ctx {s.ctx_used}/{s.ctx} · expert hits {hit} · {peak}"
     )
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def command(chat: Chat, console: Console, text: str) -> str | None:
@@ -206,10 +251,10 @@ def command(chat: Chat, console: Console, text: str) -> str | None:
             raise LiteError(f"usage: {name} FILE")
         if name == "/save":
             chat.save(rest)
-            console.print(f"(saved {len(chat.messages)} messages to {rest})", style="dim")
+            console.print(f"(saved {plural(len(chat.messages), 'message')} to {rest})", style="dim")
         else:
             n = chat.load(rest)
-            console.print(f"(loaded {n} messages from {rest})", style="dim")
+            console.print(f"(loaded {plural(n, 'message')} from {rest})", style="dim")
     else:
         raise LiteError(f"unknown command {name}; /help lists the commands")
     return None

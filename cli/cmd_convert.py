@@ -37,6 +37,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cli.common import terminate_cleanly
+
+    with terminate_cleanly():  # SIGTERM/SIGHUP remove the temporary file, as Ctrl+C does
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from lite.convert import convert
 
     out, err = Console(highlight=False, soft_wrap=True), Console(stderr=True, highlight=False)

@@ -11,41 +11,47 @@ from rich.table import Table
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a GGUF model file (only its metadata and tensor sizes are read)")
-    p.add_argument("--gpu-mem", default=None, metavar="SIZE",
-                   help="device budget, e.g. 8GiB (default: free VRAM minus a reserve; required for --device cuda "
-                   "on a machine without a GPU; on CPU an optional cap on the device tier)")  # fmt: skip
-    p.add_argument("--ram", default=None, metavar="SIZE",
-                   help="RAM budget for the experts (on CPU also the latent cache and expert slots), e.g. 32GiB "
-                   "(default: available RAM - 2GiB)")  # fmt: skip
-    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=None, metavar="N",
-                   help="context length to size the latent cache for (default: the model's trained "
-                   "context)")  # fmt: skip
-    p.add_argument("--device", default="auto",
-                   help="auto, cpu or cuda[:N] (default: cuda when present); cuda plans without a GPU when "
-                   "--gpu-mem is given")  # fmt: skip
-    p.add_argument("--experts-on", default="auto", choices=["auto", "device", "ram", "disk"],
-                   help="where routed experts live (default: decided by the budgets)")  # fmt: skip
-    p.add_argument("--expert-cache", default=None, metavar="N|SIZE",
-                   help="device expert slots per MoE layer, or a byte size")  # fmt: skip
+    p.add_argument(
+        "--gpu-mem", default=None, metavar="SIZE",
+        help="device budget: bytes, or e.g. 8GiB (default: free VRAM minus a reserve; required for --device cuda "
+        "on a machine without a GPU; on CPU an optional cap on the device tier)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ram", default=None, metavar="SIZE",
+        help="RAM budget for the experts (on CPU also the latent cache and expert slots), e.g. 32GiB; smaller than "
+        "the experts = disk tier (default: available RAM - 2GiB)",
+    )  # fmt: skip
+    p.add_argument(
+        "-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=None, metavar="N",
+        help="context length to size the latent cache for (default: 4096 or the model's, the smaller; more than "
+        "the model's is an error)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
+    p.add_argument(
+        "--experts-on", default=None, choices=["auto", "device", "ram", "disk"],
+        help="where routed experts live (default: decided by the budgets)",
+    )  # fmt: skip
+    p.add_argument(
+        "--expert-cache", default=None, metavar="N|SIZE",
+        help="device expert slots per MoE layer (N), or a byte budget such as 2GiB",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object (bytes as integers)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cli import budget, common
     from lite.errors import LiteError
-    from offload.planner import format_bytes, plan_file
+    from offload.planner import format_bytes, make_plan
 
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LiteError(f"--device takes auto, cpu or cuda[:N], got {device!r}")
-    cache = args.expert_cache
-    if cache is not None and cache.isdigit():
-        cache = int(cache)
-    plan, sizes = plan_file(args.model, device=device, gpu_memory=args.gpu_mem, ram_memory=args.ram, ctx=args.ctx,
-                            experts_on=args.experts_on, expert_cache=cache)  # fmt: skip
+    device = budget.planner_device(args.device)
+    sizes = budget.model_sizes(common.resolve_model(args.model), device)
+    ctx = budget.resolve_ctx(args.ctx, sizes.context_length, "-c/--ctx")
+    opts = budget.offload_options(args, sizes)
+    opts.setdefault("experts_on", "auto")
+    try:
+        plan = make_plan(sizes, device=device, ctx=ctx, cache_dtype_bytes=2 if device == "cuda" else 4, **opts)
+    except LiteError as e:
+        raise LiteError(budget.flag_names(str(e), "-c")) from None
     if args.json:
         print(json.dumps({"model": str(args.model), **plan.to_json()}, indent=1))
         return 0

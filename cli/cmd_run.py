@@ -13,6 +13,7 @@ from rich.console import Console
 from cli import common
 from lite.chat import Chat, TurnStats, complete
 from lite.errors import LiteError
+from lite.text import decode_input, replaced_note, scrub
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -29,18 +30,25 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     common.add_offload_args(p)
 
 
-def read_prompt(args: argparse.Namespace) -> str:
+def read_prompt(args: argparse.Namespace, console: Console) -> str:
+    """-p, or stdin read as bytes; invalid UTF-8 (in either) is replaced with U+FFFD and reported, never fatal."""
     if args.prompt is not None:
-        return args.prompt
-    if sys.stdin.isatty():
+        text, bad = scrub(args.prompt)  # argv carries undecodable bytes as surrogates
+    elif sys.stdin.isatty():
         raise LiteError("no prompt; pass -p PROMPT or pipe the prompt on stdin")
-    return sys.stdin.read()
+    elif getattr(sys.stdin, "buffer", None) is not None:
+        text, bad = decode_input(sys.stdin.buffer.read())
+    else:  # a text stream without bytes underneath (tests, embedding)
+        text, bad = scrub(sys.stdin.read())
+    if bad:
+        console.print(f"note: {replaced_note(bad, 'the prompt')}", style="yellow")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True, highlight=False, markup=False)
     common.sampling_params(args)  # bad flags fail before the (slow) load
-    prompt_text = read_prompt(args)
+    prompt_text = read_prompt(args, console)
     if args.system and not args.chat:
         raise LiteError("--system needs --chat (a raw prompt has no system turn)")
     model, path = common.load_model(args, console)
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             "tokens": s.token_ids,
             "prompt_seconds": round(s.prompt_seconds, 6),
             "generation_seconds": round(s.gen_seconds, 6),
-            "ttft_seconds": round(s.ttft, 6),
+            "ttft_seconds": round(s.ttft, 6) if s.gen_tokens else None,
             "prompt_tokens_per_second": s.prompt_tps,
             "generation_tokens_per_second": s.gen_tps,
             "expert_cache_hit_rate": s.hit_rate,

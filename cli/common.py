@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +15,52 @@ import torch
 from rich.console import Console
 
 from lite.errors import LiteError
-from lite.sampling import SamplingParams
+from lite.sampling import SamplingParams, check
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "lite" / "data" / "demo.gguf"
 DEFAULTS = SamplingParams()
-DEFAULT_CTX = 4096
 DEFAULT_MAX_TOKENS = 512
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP turned into an exception in the main thread, so `finally` blocks clean up as they do
+    for Ctrl+C (KeyboardInterrupt); `main` exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP (a closed terminal) raise `Terminated` instead of killing the
+    process on the spot; the previous handlers come back afterwards."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave the default
+                pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def unexpected(e: BaseException) -> str:
+    """One line for an error lite did not anticipate: its type, the first line of its message, and --debug."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(text) > 200:
+        text = text[:197] + "..."
+    what = type(e).__name__ + (f": {text}" if text else "")
+    return f"error: unexpected {what} (a bug in lite; run again with --debug for the traceback)"
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -55,10 +99,10 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = DEFAULT_MAX_
     g.add_argument("--seed", type=int, metavar="N", help="random seed; the same seed and settings give the same output")
 
 
-def add_context_arg(p: argparse.ArgumentParser, default: int | None = DEFAULT_CTX) -> None:
+def add_context_arg(p: argparse.ArgumentParser, help_default: str = "4096 or the model's, the smaller") -> None:
     p.add_argument(
-        "-c", "--ctx-size", type=int, default=default, metavar="N",
-        help="context length in tokens (default: %(default)s, at most the model's)",
+        "-c", "--ctx-size", type=int, default=None, metavar="N",
+        help=f"context length in tokens (default: {help_default}; more than the model's is an error)",
     )  # fmt: skip
 
 
@@ -66,7 +110,10 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory (where the routed experts live; see `lite plan`)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (%(default)s)")
     g.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's, the cores)")
-    g.add_argument("--gpu-mem", metavar="SIZE", help="device memory budget, e.g. 6GiB (default: free memory - reserve)")
+    g.add_argument(
+        "--gpu-mem", metavar="SIZE",
+        help="device memory budget: bytes, or e.g. 6GiB, 500MB (default: free memory - reserve)",
+    )  # fmt: skip
     g.add_argument(
         "--ram", metavar="SIZE", help="RAM budget for experts, e.g. 8GiB; smaller than the experts = disk tier"
     )
@@ -76,7 +123,7 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--expert-cache", metavar="N|SIZE", default=None,
-        help="device expert cache: slots per MoE layer, or a byte budget such as 2GiB (default: planned)",
+        help="device expert cache: N slots per MoE layer, or a byte budget such as 2GiB (default: planned)",
     )  # fmt: skip
     g.add_argument(
         "--prefetch", metavar="on|off|N", default=None,
@@ -90,54 +137,23 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_params(args: argparse.Namespace, metadata: dict[str, Any] | None = None) -> SamplingParams:
-    """Flags first, then the model's recommended values (GGUF `general.sampling.*`), then lite's defaults.
-    Call it once without metadata before loading, to reject bad flags early."""
+    """Flags first, then the model's recommended values (GGUF `general.sampling.*`), then lite's defaults;
+    each checked by `lite.sampling.check` under the name the user gave it. Call it once without metadata
+    before loading, to reject bad flags early."""
     md = metadata or {}
-    params = SamplingParams(seed=args.seed)
+    values: dict[str, Any] = {}
     for flag, (field, key) in SAMPLING_FLAGS.items():
-        value = getattr(args, flag)
-        if value is None:
-            value = md.get(key, getattr(params, field))
-        elif value < 0 or math.isnan(value):
-            raise LiteError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
-        setattr(params, field, type(getattr(params, field))(value))
+        value, label = getattr(args, flag), f"--{flag.replace('_', '-')}"
+        if value is None and key in md:
+            value, label = md[key], f"the model's {key} (override it with {label})"
+        if value is not None:
+            values[field] = check(field, value, label)
     if "general.sampling.penalty_last_n" in md:
-        params.repeat_last_n = int(md["general.sampling.penalty_last_n"])
-    if not 0 <= params.top_p <= 1 or not 0 <= params.min_p <= 1:
-        raise LiteError("--top-p and --min-p must lie between 0 and 1")
-    if args.max_tokens < 1:
-        raise LiteError(f"-n/--max-tokens must be at least 1, got {args.max_tokens}")
-    return params
-
-
-def offload_options(args: argparse.Namespace) -> dict[str, Any]:
-    """lite.load keyword options from the flags (only those given, so the loader's defaults apply)."""
-    opts: dict[str, Any] = {}
-    if getattr(args, "ctx_size", None):
-        opts["ctx"] = args.ctx_size  # the planner sizes the latent cache for it
-    if args.gpu_mem:
-        opts["gpu_memory"] = args.gpu_mem
-    if args.ram:
-        opts["ram_memory"] = args.ram
-    if args.experts_on:
-        opts["experts_on"] = args.experts_on
-    if args.expert_cache is not None:
-        opts["expert_cache"] = int(args.expert_cache) if args.expert_cache.isdigit() else args.expert_cache
-    if args.miss_policy:
-        if args.miss_policy not in ("auto", "fetch", "cpu"):
-            raise LiteError(f"--miss-policy takes auto, fetch or cpu, got {args.miss_policy!r}")
-        opts["miss_policy"] = args.miss_policy
-    if args.prefetch is not None:
-        value = args.prefetch.lower()
-        if value in ("on", "true", "yes"):
-            opts["prefetch"] = True
-        elif value in ("off", "false", "no", "0"):
-            opts["prefetch"] = False
-        elif value.isdigit():
-            opts["prefetch"] = int(value)
-        else:
-            raise LiteError(f"--prefetch takes on, off or a number of layers, got {args.prefetch!r}")
-    return opts
+        key = "general.sampling.penalty_last_n"
+        values["repeat_last_n"] = check("repeat_last_n", md[key], f"the model's {key}")
+    values["seed"] = check("seed", args.seed, "--seed")
+    check("max_tokens", args.max_tokens, "-n/--max-tokens")
+    return SamplingParams(**values)
 
 
 def resolve_model(path: str | None) -> Path:
@@ -149,36 +165,48 @@ def resolve_model(path: str | None) -> Path:
             "`lite convert HF_DIR -o model.gguf` (e.g. DeepSeek-V2-Lite-Chat) and pass model.gguf"
         )
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise LiteError(f"{path} is a directory, not a model file; pass the .gguf file itself")
+    if not p.exists():
         raise LiteError(f"model file not found: {path}; pass the path of a .gguf file")
     return p
 
 
-def load_model(args: argparse.Namespace, console: Console, ctx: int | None = None) -> tuple[Any, Path]:
-    """Resolve MODEL and load it quietly, with a spinner on a terminal. `ctx` overrides -c for planning."""
+def load_model(
+    args: argparse.Namespace,
+    console: Console,
+    ctx: int | None = None,
+    ctx_flag: str = "-c/--ctx-size",
+    ctx_default: int = 4096,
+) -> tuple[Any, Path]:
+    """Resolve MODEL and load it quietly, with a spinner on a terminal. The context (`ctx`, else -c, else
+    min(`ctx_default`, the model's)) is settled and checked against the model before budgets are planned."""
     import lite
+    from cli import budget
 
     path = resolve_model(args.model)
-    if getattr(args, "threads", None):
-        if args.threads < 1:
-            raise LiteError(f"-t/--threads must be at least 1, got {args.threads}")
+    if getattr(args, "threads", None) is not None:
+        most = 4 * (os.cpu_count() or 1)  # far more OpenMP threads than cores crashes torch (100000: SIGSEGV)
+        if not 1 <= args.threads <= most:
+            raise LiteError(f"-t/--threads must be from 1 to {most} (4 x the CPU count), got {args.threads}")
         torch.set_num_threads(args.threads)
-    options = offload_options(args)
-    if ctx:
-        options["ctx"] = ctx
+    sizes = budget.model_sizes(path, budget.planner_device(args.device))
+    requested = ctx if ctx is not None else getattr(args, "ctx_size", None)
+    options = budget.offload_options(args, sizes)
+    options["ctx"] = budget.resolve_ctx(requested, sizes.context_length, ctx_flag, ctx_default)
     with console.status(f"loading {path.name} …", spinner="dots"):
-        model = lite.load(str(path), device=args.device, **options)
+        try:
+            model = lite.load(str(path), device=args.device, **options)
+        except LiteError as e:  # the planner's option names -> the flags the user typed
+            raise LiteError(budget.flag_names(str(e), "--ctx" if ctx_flag == "--ctx" else "-c")) from None
     return model, path
 
 
 def context_size(args: argparse.Namespace, model: Any) -> int:
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "context_length", 0) or 0)
-    ctx = args.ctx_size
-    if ctx is not None and ctx < 8:
-        raise LiteError(f"-c/--ctx-size {ctx} is too small; use at least 8 tokens")
-    if ctx is None:
-        ctx = min(DEFAULT_CTX, limit) if limit else DEFAULT_CTX
-    return min(ctx, limit) if limit else ctx
+    """-c, or min(4096, the model's context); as `load_model` planned it."""
+    from cli import budget
+
+    return budget.resolve_ctx(args.ctx_size, int(model.max_context), "-c/--ctx-size")
 
 
 def stat_value(key: str, value: Any) -> str:

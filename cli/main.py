@@ -1,11 +1,18 @@
 """The `lite` command: a thin dispatcher. Each subcommand lives in its own module `cli/cmd_<name>.py`
-exposing `add_parser(subparsers)` and `run(args) -> int`."""
+exposing `add_parser(subparsers)` and `run(args) -> int`.
+
+`main` is the one guard around every subcommand: a `LiteError` prints one `error: …` line and exits 2;
+anything unexpected prints a one-line summary with a pointer to `--debug` (which shows the traceback) and
+exits 1; Ctrl+C exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 COMMANDS = {
     "chat": "Chat with a model in the terminal",
@@ -18,8 +25,25 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's), or "unknown" when lite is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("lite")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lite", description="Chat with DeepSeek-V2-class MoE models on one GPU.")
+    parser.add_argument("--version", action="version", version=f"lite {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug also after the subcommand (default: keep lite's)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an unexpected error"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         try:
@@ -28,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != f"cli.cmd_{name}":
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         module.add_parser(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -40,18 +64,35 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
+    from cli.common import Terminated, unexpected
+    from lite.errors import LiteError
+
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # one clear line, never a traceback, for user-facing errors
-        from lite.errors import LiteError
-
-        if isinstance(e, LiteError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except Terminated as e:  # SIGTERM/SIGHUP where a command asked for a clean exit (lite convert)
+        try:
+            print(f"terminated by {e}", file=sys.stderr)
+        except OSError:  # SIGHUP: the terminal may be gone
+            pass
+        return 128 + e.signum
+    except BrokenPipeError:  # e.g. `lite run … | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except LiteError as e:  # a user error: one clear line naming the fix
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        print(unexpected(e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,8 @@ import torch
 
 from lite.errors import LiteError
 from lite.generate import common_prefix
-from lite.sampling import SamplingParams, sample
+from lite.sampling import SamplingParams, check, sample
+from lite.text import replaced_note, scrub
 
 FORMAT = "lite-chat"
 SETTINGS = ("temp", "top_p", "top_k", "min_p", "max_tokens", "seed", "repeat_penalty")
@@ -30,7 +32,7 @@ SETTINGS = ("temp", "top_p", "top_k", "min_p", "max_tokens", "seed", "repeat_pen
 @dataclass
 class TurnStats:
     """What one reply cost. `finish` is "stop" (end of sequence), "length" (max_tokens), "context" (the
-    context is full) or "interrupted"."""
+    context is full), "interrupted" or "error" (the turn failed and was undone)."""
 
     prompt_tokens: int = 0  # tokens prefilled this turn (only the new ones)
     prompt_len: int = 0  # the whole prompt (conversation + generation prompt) in tokens
@@ -44,8 +46,8 @@ class TurnStats:
     dropped_turns: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
-    peak_rss: int = 0  # peak resident memory of the process seen during the turn (psutil)
-    peak_gpu: int = 0  # peak CUDA memory allocated by torch (0 on CPU)
+    peak_rss: int = 0  # peak resident memory of the process since it started (never goes down)
+    peak_gpu: int = 0  # peak CUDA memory allocated by torch since the process started (0 on CPU)
     notes: list[str] = field(default_factory=list)
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
@@ -62,6 +64,25 @@ class TurnStats:
     def hit_rate(self) -> float | None:
         n = self.cache_hits + self.cache_misses
         return self.cache_hits / n if n else None
+
+
+_peak_seen = 0
+
+
+def process_peak_rss() -> int:
+    """Peak resident memory of this process so far, in bytes; it never goes down. The kernel's high-water mark
+    (getrusage; updated lazily) combined with every RSS this function has seen."""
+    global _peak_seen
+    current = psutil.Process().memory_info().rss
+    try:
+        import resource
+
+        kernel = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        kernel = kernel if sys.platform == "darwin" else kernel * 1024
+    except ImportError:  # Windows
+        kernel = 0
+    _peak_seen = max(_peak_seen, current, kernel)
+    return _peak_seen
 
 
 def cache_counts(stats: dict[str, Any]) -> tuple[int, int]:
@@ -94,7 +115,7 @@ class Chat:
         self.tokenizer = model.tokenizer
         self.session = model.session(ctx)
         self.params = params or SamplingParams()
-        self.max_tokens = max_tokens
+        self.max_tokens = check("max_tokens", max_tokens)
         self.prefill_chunk = prefill_chunk
         self.messages: list[dict[str, str]] = []
         self.last: TurnStats | None = None
@@ -122,28 +143,21 @@ class Chat:
 
     def set_seed(self, seed: int | None) -> None:
         """Restart the random stream: the same seed and inputs give the same replies."""
+        seed = check("seed", seed)
         self.seed = seed if seed is not None else random.randrange(2**31)
         self.params.seed = seed
         self.generator.manual_seed(self.seed)
 
     def set(self, name: str, value: str) -> None:
-        """`/set NAME VALUE` for NAME in SETTINGS; raises LiteError on a bad name or value."""
+        """`/set NAME VALUE` for NAME in SETTINGS; raises LiteError on a bad name or value (nothing changes)."""
         name = {"temperature": "temp", "n": "max_tokens"}.get(name, name)
-        kinds = {"top_k": int, "max_tokens": int, "seed": int}
         if name not in SETTINGS:
             raise LiteError(f"unknown setting {name!r}; use one of: {', '.join(SETTINGS)}")
-        try:
-            v = kinds.get(name, float)(value)
-        except ValueError:
-            raise LiteError(f"{name} needs a number, got {value!r}") from None
-        low = {"max_tokens": 1, "repeat_penalty": 1e-6}.get(name, 0)
-        high = 1 if name in ("top_p", "min_p") else float("inf")
-        if not low <= v <= high:
-            raise LiteError(f"{name} = {value} is out of range; it must lie in [{low:g}, {high:g}]")
+        v = check("temperature" if name == "temp" else name, value, name)
         if name == "seed":
-            self.set_seed(int(v))
+            self.set_seed(v)
         elif name == "max_tokens":
-            self.max_tokens = int(v)
+            self.max_tokens = v
         else:
             setattr(self.params, "temperature" if name == "temp" else name, v)
 
@@ -194,17 +208,22 @@ class Chat:
 
     # -- turns -------------------------------------------------------------------------------------------
     def send(self, text: str) -> Iterator[str]:
-        """Add a user message and stream the reply."""
+        """Add a user message and stream the reply. Undecodable input (lone surrogates) is replaced with
+        U+FFFD and reported in the turn's notes. If the turn fails, the conversation is as it was before."""
+        before = list(self.messages)
+        text, bad = scrub(text)
         self.messages.append({"role": "user", "content": text})
-        return self._reply()
+        return self._reply(before, [replaced_note(bad, "the message")] if bad else [])
 
     def regenerate(self) -> Iterator[str]:
         """Drop the last reply and answer the last user message again (the random stream moves on)."""
+        before = list(self.messages)
         if self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
         if not self.messages or self.messages[-1]["role"] != "user":
+            self.messages = before
             raise LiteError("nothing to regenerate yet; send a message first")
-        return self._reply()
+        return self._reply(before)
 
     def _render(self) -> list[int]:
         """Token ids of the conversation plus the generation prompt. Where the cache holds text that the
@@ -242,22 +261,30 @@ class Chat:
             prompt = self._render()
         return prompt
 
-    def _reply(self) -> Iterator[str]:
+    def _reply(self, before: list[dict[str, str]], notes: list[str] | None = None) -> Iterator[str]:
+        """Stream the reply to the current messages. On any error, or a stop before the first token, the
+        messages go back to `before` (the cache needs no undo: the next turn re-uses its common prefix)."""
         self._stop = False
-        stats = TurnStats(ctx=self.ctx)
+        stats = TurnStats(ctx=self.ctx, notes=list(notes or []))
         self.last = stats
         t0 = time.perf_counter()
-        prompt = self._fit(stats)
-        if stats.dropped_turns:
-            stats.notes.append(f"context full: dropped the oldest {stats.dropped_turns} turn(s)")
         try:
+            prompt = self._fit(stats)
+            if stats.dropped_turns:
+                stats.notes.append(f"context full: dropped the oldest {stats.dropped_turns} turn(s)")
             yield from complete(
                 self.model, self.session, prompt, self.params, self.generator, self.max_tokens, stats,
                 should_stop=lambda: self._stop, prefill_chunk=self.prefill_chunk, t0=t0,
             )  # fmt: skip
+        except BaseException:
+            self.messages = before
+            stats.finish = "error"
+            raise
         finally:
-            if stats.finish == "interrupted" and not stats.token_ids:
-                self.messages.pop()  # stopped before any answer: forget the question too
+            if stats.finish == "error":
+                pass
+            elif stats.finish == "interrupted" and not stats.token_ids:
+                self.messages = before  # stopped before any answer: as if the turn never happened
             else:
                 self.messages.append({"role": "assistant", "content": stats.text.strip()})
             if stats.finish == "context":
@@ -287,7 +314,6 @@ def complete(
     """Bring `session` to `prompt` (re-using the prefix it already holds), then sample up to `max_tokens`
     tokens, yielding UTF-8-safe text pieces. Fills `stats` (timings, counts, finish reason, text)."""
     t0 = time.perf_counter() if t0 is None else t0
-    proc = psutil.Process()
     hits0, misses0 = cache_counts(model.stats())
     tokenizer = model.tokenizer
     ctx = session.ctx
@@ -335,14 +361,13 @@ def complete(
                 stats.finish = "context"
                 break
             logits = session.feed([tok])
-            stats.peak_rss = max(stats.peak_rss, proc.memory_info().rss)
     finally:
         tail = stream.flush()
         pieces.append(tail)
         stats.text = "".join(pieces)
         stats.gen_seconds = (t_last - t_first) if t_first is not None else 0.0
         stats.ctx_used = len(session.tokens)
-        stats.peak_rss = max(stats.peak_rss, proc.memory_info().rss)
+        stats.peak_rss = process_peak_rss()
         device = getattr(model, "device", None)
         if isinstance(device, torch.device) and device.type == "cuda":
             stats.peak_gpu = torch.cuda.max_memory_allocated(device)

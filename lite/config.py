@@ -168,33 +168,37 @@ class ModelArgs:
         gating = get(K.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))
         if gating != gguf.ExpertGatingFuncType.SOFTMAX:
             raise LiteError("this GGUF uses a sigmoid expert gate (DeepSeek-V3); lite supports DeepSeek-V2 only")
-        n_experts = get(K.EXPERT_COUNT, 0)
-        token_embd = meta.get("tokenizer.ggml.tokens")
-        args = cls(
-            vocab_size=get(K.VOCAB_SIZE, len(token_embd) if token_embd else KeyError),
-            hidden_size=get(K.EMBEDDING_LENGTH),
-            intermediate_size=get(K.FEED_FORWARD_LENGTH),
-            moe_intermediate_size=get(K.EXPERT_FEED_FORWARD_LENGTH, get(K.FEED_FORWARD_LENGTH)),
-            num_hidden_layers=get(K.BLOCK_COUNT),
-            num_attention_heads=get(A.HEAD_COUNT),
-            kv_lora_rank=get(A.KV_LORA_RANK),
-            q_lora_rank=get(A.Q_LORA_RANK, None) or None,  # 0 or absent: q_proj (V2-Lite)
-            qk_nope_head_dim=qk_head - rope_dim,
-            qk_rope_head_dim=rope_dim,
-            v_head_dim=v_head,
-            n_routed_experts=n_experts,
-            num_experts_per_tok=get(K.EXPERT_USED_COUNT, 0),
-            n_shared_experts=get(K.EXPERT_SHARED_COUNT, 0),
-            first_k_dense_replace=get(K.LEADING_DENSE_BLOCK_COUNT, 0),
-            topk_method="group_limited_greedy" if n_group > 1 else "greedy",
-            n_group=n_group,
-            topk_group=topk_group,
-            norm_topk_prob=bool(get(K.EXPERT_WEIGHTS_NORM, False)),
-            routed_scaling_factor=get(K.EXPERT_WEIGHTS_SCALE, 1.0),
-            rms_norm_eps=get(A.LAYERNORM_RMS_EPS),
-            max_position_embeddings=get(K.CONTEXT_LENGTH),
-            rope_theta=get(R.FREQ_BASE, 10000.0),
-        )
+        try:  # arithmetic on a value of the wrong type (a string where a number belongs)
+            n_experts = get(K.EXPERT_COUNT, 0)
+            token_embd = meta.get("tokenizer.ggml.tokens")
+            args = cls(
+                vocab_size=get(K.VOCAB_SIZE, len(token_embd) if token_embd else KeyError),
+                hidden_size=get(K.EMBEDDING_LENGTH),
+                intermediate_size=get(K.FEED_FORWARD_LENGTH),
+                moe_intermediate_size=get(K.EXPERT_FEED_FORWARD_LENGTH, get(K.FEED_FORWARD_LENGTH)),
+                num_hidden_layers=get(K.BLOCK_COUNT),
+                num_attention_heads=get(A.HEAD_COUNT),
+                kv_lora_rank=get(A.KV_LORA_RANK),
+                q_lora_rank=get(A.Q_LORA_RANK, None) or None,  # 0 or absent: q_proj (V2-Lite)
+                qk_nope_head_dim=qk_head - rope_dim,
+                qk_rope_head_dim=rope_dim,
+                v_head_dim=v_head,
+                n_routed_experts=n_experts,
+                num_experts_per_tok=get(K.EXPERT_USED_COUNT, 0),
+                n_shared_experts=get(K.EXPERT_SHARED_COUNT, 0),
+                first_k_dense_replace=get(K.LEADING_DENSE_BLOCK_COUNT, 0),
+                topk_method="group_limited_greedy" if n_group > 1 else "greedy",
+                n_group=n_group,
+                topk_group=topk_group,
+                norm_topk_prob=bool(get(K.EXPERT_WEIGHTS_NORM, False)),
+                routed_scaling_factor=get(K.EXPERT_WEIGHTS_SCALE, 1.0),
+                rms_norm_eps=get(A.LAYERNORM_RMS_EPS),
+                max_position_embeddings=get(K.CONTEXT_LENGTH),
+                rope_theta=get(R.FREQ_BASE, 10000.0),
+            )
+        except (TypeError, ValueError) as e:
+            raise LiteError(f"GGUF metadata holds a value of the wrong type ({e}); the file is corrupt") from None
+        _check_gguf_args(args, meta)
         if get(R.SCALING_TYPE, "none") == "yarn":
             args.rope_type = "yarn"
             args.rope_factor = get(R.SCALING_FACTOR)
@@ -206,6 +210,56 @@ class ModelArgs:
             args.rope_mscale = args.rope_mscale_all_dim
             args.rope_attention_factor = get(R.SCALING_YARN_ATTN_FACTOR, None)
         return args
+
+
+def _check_gguf_args(args: ModelArgs, meta: dict[str, Any]) -> None:
+    """Refuse metadata that is of the wrong type, out of range, or disagrees with itself, naming the key."""
+    K, A, R = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+    minimum = {  # field: (key, smallest valid value)
+        "vocab_size": (K.VOCAB_SIZE, 1), "hidden_size": (K.EMBEDDING_LENGTH, 1),
+        "intermediate_size": (K.FEED_FORWARD_LENGTH, 1), "moe_intermediate_size": (K.EXPERT_FEED_FORWARD_LENGTH, 1),
+        "num_hidden_layers": (K.BLOCK_COUNT, 1), "num_attention_heads": (A.HEAD_COUNT, 1),
+        "kv_lora_rank": (A.KV_LORA_RANK, 1), "qk_rope_head_dim": (R.DIMENSION_COUNT, 2),
+        "qk_nope_head_dim": (A.KEY_LENGTH_MLA, 0), "v_head_dim": (A.VALUE_LENGTH_MLA, 1),
+        "n_routed_experts": (K.EXPERT_COUNT, 0), "num_experts_per_tok": (K.EXPERT_USED_COUNT, 0),
+        "n_shared_experts": (K.EXPERT_SHARED_COUNT, 0), "first_k_dense_replace": (K.LEADING_DENSE_BLOCK_COUNT, 0),
+        "n_group": (K.EXPERT_GROUP_COUNT, 1), "topk_group": (K.EXPERT_GROUP_USED_COUNT, 1),
+        "max_position_embeddings": (K.CONTEXT_LENGTH, 1),
+    }  # fmt: skip
+
+    def bad(key: str, value: Any, rule: str) -> LiteError:
+        return LiteError(f"GGUF metadata {key.format(arch=ARCH)} = {value!r} {rule}; the file is corrupt")
+
+    for name, (key, low) in minimum.items():
+        v = getattr(args, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise bad(key, v, f"is not a whole number >= {low}")
+    if args.q_lora_rank is not None and (isinstance(args.q_lora_rank, bool) or not isinstance(args.q_lora_rank, int)):
+        raise bad(A.Q_LORA_RANK, args.q_lora_rank, "is not a whole number")
+    for name, key in (("rms_norm_eps", A.LAYERNORM_RMS_EPS), ("rope_theta", R.FREQ_BASE),
+                      ("routed_scaling_factor", K.EXPERT_WEIGHTS_SCALE)):  # fmt: skip
+        v = getattr(args, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise bad(key, v, "is not a finite number > 0")
+    if args.num_experts_per_tok > args.n_routed_experts:
+        raise bad(K.EXPERT_USED_COUNT, args.num_experts_per_tok, f"exceeds the {args.n_routed_experts} experts")
+    if args.first_k_dense_replace > args.num_hidden_layers:
+        raise bad(K.LEADING_DENSE_BLOCK_COUNT, args.first_k_dense_replace, "exceeds the block count")
+    if args.topk_group > args.n_group or (args.n_routed_experts and args.n_routed_experts % args.n_group):
+        raise bad(K.EXPERT_GROUP_COUNT, args.n_group, "does not divide the experts into groups")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != args.vocab_size:
+        raise bad(K.VOCAB_SIZE, args.vocab_size, f"disagrees with the {len(tokens)} tokens of the tokenizer")
+
+
+def check_tensor_layers(args: ModelArgs, names: Any) -> None:
+    """Refuse a file with tensors for layers beyond its block count (they would be silently ignored)."""
+    extra = sorted({int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()})
+    if extra and extra[-1] >= args.num_hidden_layers:
+        raise LiteError(
+            f"the GGUF has tensors for layer {extra[-1]} but {ARCH}.block_count is {args.num_hidden_layers}; "
+            "the metadata disagrees with the tensors: the file is corrupt"
+        )
 
 
 def _f32(x: float) -> float:

@@ -11,6 +11,7 @@ weights, a full disk, Ctrl-C) leaves no partial file behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -99,10 +100,46 @@ def convert(
     Recipe (default): routed experts Q4_K (Q4_0 where rows are not a multiple of 256), other matrices Q8_0,
     norms and the router F32. `experts` / `rest` pick other types, `outtype` one type for all weights
     ("f32" gives an exact file). `legacy_kv_b` writes the older single `attn_kv_b` layout (for tests).
-    Raises LiteError, leaving no file behind, on bad input, bad weights or a full disk.
+    Raises LiteError, leaving no file behind, on bad input, bad weights or any OSError (a full disk, a
+    read-only file system, a permission).
     """
-    t0 = time.perf_counter()
     out = Path(out_path)
+    try:
+        return _convert(hf_dir, out, outtype, experts, rest, force, dry_run, progress, legacy_kv_b)
+    except OSError as e:
+        raise _os_error(e, out) from None
+
+
+def _os_error(e: OSError, out: Path) -> LiteError:
+    """One line for an OSError: what could not be read or written, why, and the fix."""
+    name = os.fspath(e.filename) if e.filename is not None else None
+    reason = e.strerror or str(e) or type(e).__name__
+    where, p = out.resolve().parent, Path(name).resolve() if name else None
+    writing = p is None or p in (where, where / out.name) or (p.parent == where and p.name.startswith(f".{out.name}."))
+    if not writing:  # the checkpoint (config, safetensors, tokenizer files)
+        return LiteError(f"cannot read {name}: {reason}; check the checkpoint folder and its permissions")
+    if e.errno == errno.ENOSPC:
+        return LiteError(f"disk full while writing {out}; free some space or write elsewhere with -o")
+    why, fix = {
+        errno.EROFS: ("the file system is read-only", "write elsewhere with -o"),
+        errno.EACCES: ("permission denied", "write elsewhere with -o, or fix the folder's permissions"),
+        errno.EPERM: ("operation not permitted", "write elsewhere with -o, or fix the folder's permissions"),
+    }.get(e.errno or 0, (reason, "write elsewhere with -o"))
+    return LiteError(f"cannot write {out}: {why}; {fix}")
+
+
+def _convert(
+    hf_dir: str | os.PathLike[str],
+    out: Path,
+    outtype: str | None,
+    experts: str | None,
+    rest: str | None,
+    force: bool,
+    dry_run: bool,
+    progress: Progress | None,
+    legacy_kv_b: bool,
+) -> ConvertSummary:
+    t0 = time.perf_counter()
     expert_type, rest_type = resolve_types(outtype, experts, rest)
     ckpt = open_checkpoint(hf_dir)
     tensors = plan(ckpt, expert_type, rest_type, legacy_kv_b=legacy_kv_b)
@@ -220,13 +257,12 @@ def _write(
         os.fsync(fout.fileno())
         writer.close()
         os.replace(tmp, out)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise LiteError(f"disk full while writing {out}; free some space or write elsewhere with -o") from None
-        raise
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    finally:  # any failure, Ctrl+C, or SIGTERM/SIGHUP (the CLI turns them into exceptions): no partial file
+        try:
+            writer.close()
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
 
 def _pad(fout, alignment: int) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from lite.cache import LatentCache
 from lite.errors import LiteError
-from lite.sampling import SamplingParams, sample
+from lite.sampling import SamplingParams, check, sample
 
 PREFILL_CHUNK = 256  # tokens per forward when every position's logits are wanted (float32 [T, vocab] each)
 # Activation memory one prefill forward may use. A prompt goes through the layers in chunks as large as this
@@ -64,6 +64,11 @@ class Session:
             start = len(self.tokens)
             tokens = torch.tensor(chunk, dtype=torch.long)
             logits = self.model.transformer.forward(tokens, self.cache, start, all_logits=all_logits)
+            if (all_logits or last) and not bool(torch.isfinite(logits).all()):
+                raise LiteError(
+                    f"the model produced NaN or Inf logits at position {start + len(chunk) - 1}: a weight holds NaN or "
+                    "Inf (lite checks large weights at load only by sampling rows) or the computation overflowed"
+                )
             self.tokens.extend(chunk)
             if all_logits or last:
                 outs.append(logits)
@@ -110,7 +115,8 @@ def generate(
     tokens = [int(t) for t in tokens]
     if not tokens:
         raise LiteError("generate needs a non-empty prompt (at least a BOS token)")
-    params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+    params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)  # checks each value
+    max_tokens = check("max_tokens", max_tokens)
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
     if session is None:
         session = model.session(min(len(tokens) + max_tokens, model.max_context))

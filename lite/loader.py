@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lite.config import ModelArgs
+from lite.config import ModelArgs, check_tensor_layers
 from lite.errors import LiteError
 from lite.generate import Session, generate
 from lite.model import Transformer, gate_scores, rms_norm
@@ -125,10 +125,13 @@ def load(
     cache_dtype: latent cache dtype (same defaults); options go to `offload.build_experts`
     (gpu_memory, ram_memory, experts_on, expert_cache, prefetch, miss_policy).
     """
+    from quant.finite import check_finite
     from quant.gguf_file import GGUFFile
 
-    f = GGUFFile(path)  # raises LiteError for a missing or garbled file
-    args = ModelArgs.from_gguf(f.metadata)
+    f = GGUFFile(path)  # raises LiteError for a missing, truncated or garbled file
+    check_finite(f.tensors, f.path)  # NaN/Inf in a weight: small tensors in full, large ones sampled
+    args = ModelArgs.from_gguf(f.metadata)  # checks the metadata's types, ranges and agreement
+    check_tensor_layers(args, f.tensors)
     return Model(
         args,
         f.tensors,

@@ -59,7 +59,9 @@ def perplexity(
     n_max = len(tokens) // ctx
     if n_max < 1:
         raise LiteError(f"the text has {len(tokens)} tokens, fewer than one chunk of {ctx}; use a smaller --ctx")
-    n = n_max if chunks is None or chunks <= 0 else min(chunks, n_max)
+    if chunks is not None and chunks < 1:
+        raise LiteError(f"chunks must be at least 1 (None scores every chunk), got {chunks}")
+    n = n_max if chunks is None else min(chunks, n_max)
     session = model.session(ctx)
     total = total_sq = 0.0
     count = 0

@@ -2,17 +2,73 @@
 
 As in llama.cpp, the filters (top-k, top-p, min-p) look at the untempered distribution and temperature is
 applied last to the surviving tokens, so changing the temperature never changes which tokens can be drawn.
+
+Every option is range-checked here, once (`check`), for every caller: the library, the CLI flags and the
+chat's `/set`. Within those ranges sampling is always finite: a temperature of 1e-300 is (almost) greedy,
+one of 1e300 (almost) uniform over the kept tokens, and a repeat penalty of 1e-30 or 1e30 saturates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
+from numbers import Integral, Real
+from typing import Any
 
 import torch
+
+from lite.errors import LiteError
+
+SEED_MAX = 2**64 - 1  # torch.Generator takes 64-bit seeds
+_F32_MAX = torch.finfo(torch.float32).max
+
+# option: (kind, low, high, what the bounds mean) — ranges that keep sampling finite
+LIMITS: dict[str, tuple[type, float, float, str]] = {
+    "temperature": (float, 0.0, math.inf, "a finite number >= 0 (0 = greedy)"),
+    "top_k": (int, 0, math.inf, "a whole number >= 0 (0 = off)"),
+    "top_p": (float, 0.0, 1.0, "a number from 0 to 1 (1 = off)"),
+    "min_p": (float, 0.0, 1.0, "a number from 0 to 1 (0 = off)"),
+    "repeat_penalty": (float, 0.0, math.inf, "a finite number > 0 (1 = off)"),
+    "repeat_last_n": (int, -1, math.inf, "a whole number >= -1 (-1 = the whole history, 0 = off)"),
+    "seed": (int, 0, SEED_MAX, f"a whole number from 0 to {SEED_MAX}"),
+    "max_tokens": (int, 1, math.inf, "a whole number >= 1"),
+}
+
+
+def check(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` for the option `name` (a key of LIMITS; a string is parsed), converted to its type and
+    range-checked. Raises LiteError naming `label` (default: `name`), e.g. a CLI flag or a /set name."""
+    kind, low, high, what = LIMITS[name]
+    if name == "seed" and value is None:
+        return None
+    shown = repr(value) if isinstance(value, str) else str(value)
+    error = LiteError(f"{label or name} must be {what}, got {shown}")
+    v = value
+    if isinstance(v, str):
+        try:
+            v = int(v.strip()) if kind is int else float(v.strip())
+        except ValueError:
+            raise error from None
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise error
+    if kind is int:
+        if not isinstance(v, Integral) and not (math.isfinite(v) and float(v).is_integer()):
+            raise error
+        v = int(v) if isinstance(v, Integral) else int(float(v))
+    else:
+        v = float(v)
+        if not math.isfinite(v):
+            raise error
+    if (v <= low if name == "repeat_penalty" else v < low) or v > high:
+        raise error
+    return v
 
 
 @dataclass
 class SamplingParams:
+    """Sampling options; every value is checked on construction (`check`). Use `replace`-style construction
+    or `check` before assigning a field by hand."""
+
     temperature: float = 0.7
     top_k: int = 40
     top_p: float = 0.95
@@ -21,22 +77,36 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, check(f.name, getattr(self, f.name)))
+
 
 def apply_repeat_penalty(logits: torch.Tensor, history: list[int], penalty: float, last_n: int) -> torch.Tensor:
-    """Divide positive logits (multiply negative ones) of recently seen tokens by `penalty`, as llama.cpp does."""
+    """Divide positive logits (multiply negative ones) of recently seen tokens by `penalty`, as llama.cpp does.
+    Results are kept finite (a token already at -inf stays there)."""
     if penalty == 1.0 or not history or last_n == 0:
         return logits
     window = history[-last_n:] if last_n > 0 else history  # last_n < 0: the whole history (llama.cpp's -1)
     recent = torch.tensor(sorted(set(window)), dtype=torch.long, device=logits.device)
     picked = logits[recent]
     logits = logits.clone()
-    logits[recent] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    penalised = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(-_F32_MAX, _F32_MAX)
+    logits[recent] = torch.where(picked == float("-inf"), picked, penalised)
     return logits
+
+
+def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float32 logits with +inf saturated to the largest float; NaN is an error (a corrupt model)."""
+    logits = logits.float()
+    if bool(torch.isnan(logits).any()):
+        raise LiteError("the model produced NaN logits; the GGUF file is corrupt (a weight holds NaN or Inf)")
+    return logits.clamp(max=_F32_MAX)
 
 
 def filtered_logits(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
     """Penalised logits [vocab] with the tokens removed by top-k, top-p and min-p set to -inf (untempered)."""
-    logits = apply_repeat_penalty(logits.float(), history or [], params.repeat_penalty, params.repeat_last_n)
+    logits = apply_repeat_penalty(_finite_logits(logits), history or [], params.repeat_penalty, params.repeat_last_n)
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,14 +122,21 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams, history: list[
     return logits
 
 
+def _greedy(logits: torch.Tensor, params: SamplingParams, history: list[int] | None) -> int:
+    penalised = apply_repeat_penalty(_finite_logits(logits), history or [], params.repeat_penalty, params.repeat_last_n)
+    return int(torch.argmax(penalised))
+
+
 def probabilities(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
     """The distribution that `sample` draws from: [vocab] float32, zeros outside the kept set."""
     if params.temperature <= 0:
-        logits = apply_repeat_penalty(logits.float(), history or [], params.repeat_penalty, params.repeat_last_n)
-        probs = torch.zeros_like(logits)
-        probs[int(torch.argmax(logits))] = 1.0
+        probs = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        probs[_greedy(logits, params, history)] = 1.0
         return probs
-    return torch.softmax(filtered_logits(logits, params, history) / params.temperature, dim=-1)
+    kept = filtered_logits(logits, params, history).double()
+    # in float64, relative to the best token: any temperature in range gives finite values (the best is 0)
+    scaled = (kept - kept.max()) / params.temperature
+    return torch.softmax(scaled, dim=-1).float()
 
 
 def sample(
@@ -68,9 +145,8 @@ def sample(
     history: list[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> int:
-    """Draw one token id from `logits` [vocab]. Greedy when temperature <= 0."""
+    """Draw one token id from `logits` [vocab]. Greedy when temperature is 0."""
     if params.temperature <= 0:
-        logits = apply_repeat_penalty(logits.float(), history or [], params.repeat_penalty, params.repeat_last_n)
-        return int(torch.argmax(logits))
+        return _greedy(logits, params, history)
     probs = probabilities(logits, params, history)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

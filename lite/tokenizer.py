@@ -165,18 +165,27 @@ class Tokenizer:
             raise LiteError("the file has no tokenizer metadata (tokenizer.ggml.*); convert it with its tokenizer")
         if model != "gpt2":
             raise LiteError(f"unsupported tokenizer model {model!r}; lite reads byte-level BPE ('gpt2') only")
-        return cls(
-            md["tokenizer.ggml.tokens"],
-            md.get("tokenizer.ggml.token_type"),
-            md.get("tokenizer.ggml.merges", []),
-            bos_id=md.get("tokenizer.ggml.bos_token_id"),
-            eos_id=md.get("tokenizer.ggml.eos_token_id"),
-            pad_id=md.get("tokenizer.ggml.padding_token_id"),
-            add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", True)),
-            add_eos_token=bool(md.get("tokenizer.ggml.add_eos_token", False)),
-            chat_template=md.get("tokenizer.chat_template"),
-            pre=md.get("tokenizer.ggml.pre", "deepseek-llm"),
-        )
+        template = md.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise LiteError("tokenizer.chat_template is not text; the GGUF file is damaged")
+        try:
+            return cls(
+                md["tokenizer.ggml.tokens"],
+                md.get("tokenizer.ggml.token_type"),
+                md.get("tokenizer.ggml.merges", []),
+                bos_id=md.get("tokenizer.ggml.bos_token_id"),
+                eos_id=md.get("tokenizer.ggml.eos_token_id"),
+                pad_id=md.get("tokenizer.ggml.padding_token_id"),
+                add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", True)),
+                add_eos_token=bool(md.get("tokenizer.ggml.add_eos_token", False)),
+                chat_template=template,
+                pre=md.get("tokenizer.ggml.pre", "deepseek-llm"),
+            )
+        except LiteError:
+            raise
+        except Exception as e:  # tokenizers raises bare Exceptions and TypeErrors for a malformed vocabulary
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LiteError(f"the GGUF's tokenizer metadata is damaged ({reason}); convert the model again") from None
 
     @classmethod
     def from_gguf(cls, gguf_file: str | os.PathLike[str] | Any) -> Tokenizer:

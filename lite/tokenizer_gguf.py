@@ -125,11 +125,22 @@ def tokenizer_metadata_from_hf(hf_dir: str | Path) -> dict[str, Any]:
 
 
 def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: str | Path) -> None:
-    """Write `hf_dir`'s tokenizer into `writer` as llama.cpp's converter does for DeepSeek-V2."""
+    """Write `hf_dir`'s tokenizer into `writer` as llama.cpp's converter does for DeepSeek-V2. A malformed
+    tokenizer.json or tokenizer_config.json raises LiteError (the parsers' own errors are of many types)."""
     hf_dir = Path(hf_dir)
-    tokens, types = _tokens_and_types(hf_dir)
+    try:
+        tokens, types = _tokens_and_types(hf_dir)
+        special = _special_vocab(hf_dir)
+    except LiteError:
+        raise
+    except Exception as e:  # tokenizers raises a bare Exception, json a ValueError, gguf KeyError/TypeError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LiteError(
+            f"cannot read the tokenizer in {hf_dir} ({reason}); fix or re-download tokenizer.json and "
+            "tokenizer_config.json, or remove tokenizer.json to convert without a tokenizer"
+        ) from None
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(PRE_TOKENIZER_NAME)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    _special_vocab(hf_dir).add_to_gguf(writer, quiet=True)
+    special.add_to_gguf(writer, quiet=True)

@@ -245,8 +245,8 @@ def default_gpu(device: str) -> int:
 
     if not torch.cuda.is_available():
         raise LiteError(
-            f"planning for {device} on a machine without a CUDA device needs the device budget: give --gpu-mem"
-            " (gpu_memory), e.g. --gpu-mem 24GiB"
+            f"planning for {device} on a machine without a CUDA device needs the device budget: give gpu_memory"
+            ", e.g. 24GiB"
         )
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     return max(free - VRAM_RESERVE, 0)
@@ -299,7 +299,7 @@ class _Budget:
             f"the device budget {format_bytes(self.gpu)} cannot hold the dense weights ({format_bytes(s.dense_bytes)})"
             f" + latent cache for {self.ctx} tokens ({format_bytes(self.latent)}) + reserve"
             f" ({format_bytes(self.reserve)}) + one expert slot per layer ({format_bytes(self.slot_set)}); use"
-            f" {hint}a device budget of at least {format_bytes(self.fixed + self.slot_set)} (--gpu-mem)"
+            f" {hint}a device budget of at least {format_bytes(self.fixed + self.slot_set)} (gpu_memory)"
         )
 
 
@@ -317,7 +317,7 @@ def _place_cuda(b: _Budget, experts_on: str) -> _Placement:
         if b.want > slots:
             raise LiteError(
                 f"expert_cache of {b.want} slots per layer needs {format_bytes(b.fixed + b.want * b.slot_set)} on"
-                f" the device but the budget is {format_bytes(b.gpu)}; use at most {slots} slots or a larger --gpu-mem"
+                f" the device but the budget is {format_bytes(b.gpu)}; use at most {slots} slots or a larger gpu_memory"
             )
         slots = b.want
     all_fit = b.gpu_slots >= b.n
@@ -326,7 +326,7 @@ def _place_cuda(b: _Budget, experts_on: str) -> _Placement:
         raise LiteError(
             f"experts_on=device needs {format_bytes(need)} on the device for all experts but the budget is"
             f" {format_bytes(b.gpu)}; use experts_on=auto (an expert cache of {slots} slots per layer) or"
-            f" --gpu-mem {format_bytes(need)}"
+            f" gpu_memory {format_bytes(need)}"
         )
     if experts_on == "auto":
         experts_on = "device" if all_fit and b.want is None else ("ram" if b.file_all <= b.ram else "disk")
@@ -336,7 +336,7 @@ def _place_cuda(b: _Budget, experts_on: str) -> _Placement:
         if b.file_all > b.ram:
             raise LiteError(
                 f"the routed experts need {format_bytes(b.file_all)} of RAM but the RAM budget is"
-                f" {format_bytes(b.ram)}; use experts_on=disk (a RAM LRU over the GGUF) or --ram"
+                f" {format_bytes(b.ram)}; use experts_on=disk (a RAM LRU over the GGUF) or ram_memory"
                 f" {format_bytes(b.file_all)}"
             )
         return "ram", slots, b.file_all, slots * b.slot_set, staging
@@ -344,7 +344,7 @@ def _place_cuda(b: _Budget, experts_on: str) -> _Placement:
     if lru < b.lru_min:
         raise LiteError(
             f"the RAM budget {format_bytes(b.ram)} holds fewer than {2 * b.k} experts ({format_bytes(b.lru_min)}) for"
-            f" the disk tier's LRU; use --ram {format_bytes(b.lru_min)} or more"
+            f" the disk tier's LRU; use ram_memory {format_bytes(b.lru_min)} or more"
         )
     return "disk", slots, lru, slots * b.slot_set, staging
 
@@ -361,15 +361,22 @@ def _place_cpu(b: _Budget, experts_on: str) -> _Placement:
             f"the RAM budget {format_bytes(b.ram)} cannot hold the latent cache for {b.ctx} tokens"
             f" ({format_bytes(b.latent)}) + the least the experts need ({format_bytes(least)}: one slot per layer and"
             f" a disk-tier LRU of {2 * b.k} experts); use {hint}a RAM budget of at least"
-            f" {format_bytes(b.latent + least)} (--ram)"
+            f" {format_bytes(b.latent + least)} (ram_memory)"
         )
     device_fits = b.file_all <= room and (b.gpu is None or b.fixed + b.file_all <= b.gpu)
     cap = "" if b.gpu is None else f" (device cap {format_bytes(b.gpu)})"
     if experts_on == "device" and not device_fits:
+        if b.gpu is not None and b.fixed + b.file_all > b.gpu:  # the optional device cap is what does not fit
+            need = b.fixed + b.file_all
+            raise LiteError(
+                f"experts_on=device needs {format_bytes(need)} in the device tier for the dense weights, the latent"
+                f" cache, the reserve and all experts but gpu_memory caps it at {format_bytes(b.gpu)}; use"
+                f" experts_on=auto or gpu_memory {format_bytes(need)}"
+            )
         need = b.latent + b.file_all
         raise LiteError(
             f"experts_on=device needs {format_bytes(need)} of the RAM budget for the latent cache and all experts but"
-            f" it is {format_bytes(b.ram)}{cap}; use experts_on=auto (the disk tier) or --ram {format_bytes(need)}"
+            f" it is {format_bytes(b.ram)}; use experts_on=auto (the disk tier) or ram_memory {format_bytes(need)}"
         )
     least_slots = b.want or 1
     ram_slots = min((room - b.file_all) // b.slot_set, b.gpu_slots) if room >= b.file_all else 0
@@ -386,8 +393,8 @@ def _place_cpu(b: _Budget, experts_on: str) -> _Placement:
             need = b.latent + b.file_all + least_slots * b.slot_set
             raise LiteError(
                 f"experts_on=ram on the CPU needs {format_bytes(need)} of the RAM budget (latent cache, all experts,"
-                f" {least_slots} slots per layer) but it is {format_bytes(b.ram)}{cap}; use experts_on=disk or --ram"
-                f" {format_bytes(need)}"
+                f" {least_slots} slots per layer) but it is {format_bytes(b.ram)}{cap}; use experts_on=disk or"
+                f" ram_memory {format_bytes(need)}"
             )
         slots = min(target, ram_slots)
         return "ram", slots, b.file_all, slots * b.slot_set, 0
@@ -398,7 +405,7 @@ def _place_cpu(b: _Budget, experts_on: str) -> _Placement:
             f"the RAM budget {format_bytes(b.ram)}{cap} cannot hold the latent cache for {b.ctx} tokens"
             f" ({format_bytes(b.latent)}) + {least_slots} expert slots per layer"
             f" ({format_bytes(least_slots * b.slot_set)}) + a disk-tier LRU of {2 * b.k} experts"
-            f" ({format_bytes(b.lru_min)}); use --ram {format_bytes(need)} or more"
+            f" ({format_bytes(b.lru_min)}); use ram_memory {format_bytes(need)} or more"
         )
     slots = b.want if b.want is not None else max(min(target, room // 2 // b.slot_set, fit), 1)
     cache = slots * b.slot_set

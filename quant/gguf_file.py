@@ -1,9 +1,9 @@
 """Read a GGUF file: metadata as plain Python values, tensors as memory-mapped raw bytes.
 
-Built on `gguf.GGUFReader`, which memory-maps the file, so opening never copies tensor data. The stock reader
-builds two numpy views per string of an array field, which takes seconds for a 100k-token vocabulary; `_FastReader`
-parses array fields in one pass instead (scalar arrays as one numpy view, string arrays decoded straight from the
-mmap), so a tokenizer's metadata loads in a fraction of a second.
+The file is memory-mapped, so opening never copies tensor data, and its header is parsed by
+`quant.gguf_header.parse_header`, which checks every count, length and tensor extent against the file size
+before trusting it: a truncated or corrupt file raises one `LiteError` line saying where it breaks. String
+arrays (a 100k-token vocabulary) are decoded straight from the map in one pass.
 """
 
 from __future__ import annotations
@@ -16,54 +16,7 @@ import gguf
 import numpy as np
 
 from quant.errors import LiteError
-
-_T = gguf.GGUFValueType
-
-
-class _FastReader(gguf.GGUFReader):
-    """`GGUFReader` with a one-pass parser for array fields (native byte order only).
-
-    Scalar arrays become one part holding all items; string arrays keep their raw bytes as one part and their
-    decoded values in `self.string_arrays[field_offset]` (the stock `ReaderField.contents` does not apply to them).
-    """
-
-    def __init__(self, path: os.PathLike[str] | str):
-        self.string_arrays: dict[int, list[str]] = {}
-        super().__init__(path, "r")
-
-    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
-        if raw_type != _T.ARRAY or self.byte_order != "I":
-            return super()._get_field_parts(orig_offs, raw_type)
-        raw_itype = self._get(orig_offs, np.uint32)
-        alen = self._get(orig_offs + 4, np.uint64)
-        itype, count, offs = _T(int(raw_itype[0])), int(alen[0]), orig_offs + 12
-        if itype == _T.STRING:
-            buf = memoryview(self.data)
-            values, p = [], offs
-            for _ in range(count):
-                n = int.from_bytes(buf[p : p + 8], "little")
-                values.append(str(buf[p + 8 : p + 8 + n], "utf-8"))
-                p += 8 + n
-            self.string_arrays[orig_offs] = values
-            return p - orig_offs, [raw_itype, alen, self.data[offs:p]], [2], [_T.ARRAY, _T.STRING]
-        nptype = self.gguf_scalar_to_np.get(itype)
-        if nptype is None:  # nested arrays: rare, leave them to the stock parser
-            return super()._get_field_parts(orig_offs, raw_type)
-        items = self._get(offs, nptype, count)
-        return 12 + int(items.nbytes), [raw_itype, alen, items], [2], [_T.ARRAY, itype]
-
-
-def _field_value(reader: _FastReader, field: gguf.ReaderField) -> Any:
-    """A metadata field as a plain Python value: str, int, float, bool, or a list of them."""
-    main = field.types[0]
-    if main == _T.ARRAY:
-        values_offset = field.offset + sum(int(part.nbytes) for part in field.parts[:3])  # after key and type
-        if values_offset in reader.string_arrays:
-            return reader.string_arrays[values_offset]
-        return field.contents()
-    if main == _T.STRING:
-        return str(field.parts[-1].tobytes(), "utf-8")
-    return field.parts[-1].tolist()[0]
+from quant.gguf_header import Header, parse_header
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,24 +59,28 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        if os.path.isdir(self.path):
+            raise LiteError(f"{self.path} is a directory, not a GGUF file; pass the .gguf file itself")
+        if not os.path.exists(self.path):
             raise LiteError(f"GGUF file not found: {self.path}; check the path")
         try:
-            self.reader = _FastReader(self.path)
-        except (ValueError, KeyError, IndexError) as e:
-            raise LiteError(f"not a readable GGUF file: {self.path} ({e}); pass a .gguf model file") from None
-        r = self.reader
-        self.metadata: dict[str, Any] = {
-            name: _field_value(r, field) for name, field in r.fields.items() if not name.startswith("GGUF.")
-        }
+            size = os.path.getsize(self.path)
+            if size == 0:
+                raise LiteError(f"{self.path} is empty (0 bytes), not a GGUF file; download or convert it again")
+            self.data = np.memmap(self.path, mode="r")  # uint8 [size]
+        except OSError as e:
+            raise LiteError(f"cannot read {self.path}: {e.strerror or e}; check the path and its permissions") from None
+        self.header: Header = parse_header(self.data, size, self.path)
+        self.metadata: dict[str, Any] = self.header.metadata
         self.tensors: dict[str, TensorRef] = {}
-        for t in r.tensors:
-            qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            raw = r.data[t.data_offset : t.data_offset + int(t.n_bytes)]
-            if raw.nbytes != int(t.n_bytes):
-                raise LiteError(f"GGUF file is truncated: tensor {t.name} ends past the end of {self.path}")
-            self.tensors[t.name] = TensorRef(t.name, qtype, shape, raw, int(t.data_offset))
+        for t in self.header.tensors:
+            raw = self.data[t.offset : t.offset + t.nbytes]
+            self.tensors[t.name] = TensorRef(t.name, t.qtype, tuple(reversed(t.dims)), raw, t.offset)
+
+    @property
+    def reader(self) -> gguf.GGUFReader:
+        """gguf-py's own reader of this (already validated) file, for tools that need its field objects."""
+        return gguf.GGUFReader(self.path, "r")
 
     @property
     def architecture(self) -> str | None:

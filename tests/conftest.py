@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import io
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 # Tiny models run fastest on one thread, and two threads collapse when another process takes a core.
@@ -36,3 +38,33 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"../shared is absent ({SHARED}); it holds the DeepSeek vocabulary and corpus")
     return SHARED
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def lite(capsys, monkeypatch):
+    """`lite ARGS...` in this process (like a Click runner): cli.main.main with captured output."""
+    from cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("NO_COLOR", "1")
+
+    def call(*args: str, stdin: str | bytes | None = None, check: bool = True) -> Result:
+        capsys.readouterr()
+        if isinstance(stdin, bytes):  # a byte stream underneath, as a pipe gives
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+        elif stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        if check:
+            assert code == 0, err
+        return Result(code, out, err)
+
+    return call

@@ -198,3 +198,9 @@ def write_full_size_gguf(path: os.PathLike[str] | str, model: str = "lite") -> P
     fout.close()
     w.fout = None
     return path
+
+
+if __name__ == "__main__":  # python tests/full_size_gguf.py OUT.gguf [v2|lite]: a sparse file for `lite plan`
+    import sys
+
+    print(write_full_size_gguf(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "lite"))

@@ -151,6 +151,97 @@ def test_set_and_clear():
     assert chat.messages == [{"role": "system", "content": "new system"}] and chat.session.tokens == []
 
 
+class FailingModel(FakeModel):
+    """A FakeModel whose forward raises once its `fail_after` more calls have been made (None: never)."""
+
+    fail_after: int | None = None
+
+    def next_logits(self, tokens):
+        if self.fail_after is not None:
+            if self.fail_after == 0:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            self.fail_after -= 1
+        return super().next_logits(tokens)
+
+
+@pytest.mark.parametrize("fail_after", [0, 5])  # in the prefill, or mid-reply after a few pieces streamed
+def test_a_failed_turn_leaves_the_conversation_as_it_was(fail_after):
+    model = FailingModel("hello there friend")
+    chat = Chat(model, params=GREEDY, system="sys")
+    reply(chat, "first")
+    before = [dict(m) for m in chat.messages]
+    model.fail_after = fail_after
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        reply(chat, "second")
+    assert chat.messages == before and chat.last.finish == "error"
+    with pytest.raises(RuntimeError):  # /regen fails too: the last answer is kept, not dropped
+        model.fail_after = 0
+        "".join(chat.regenerate())
+    assert chat.messages == before
+    model.fail_after = None
+    assert reply(chat, "second") == " hello there friend"  # the session goes on from the kept prefix
+    assert chat.messages == before + [
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "hello there friend"},
+    ]
+    full = model.tokenizer.apply_chat_template(chat.messages[:-1])
+    assert chat.session.tokens[: len(full)] == full  # the cache holds exactly this conversation
+
+
+def test_a_refused_turn_keeps_the_older_turns():
+    chat = Chat(FakeModel("ok", ctx=100), params=GREEDY, max_tokens=8)
+    reply(chat, "one")
+    reply(chat, "two")
+    before = [dict(m) for m in chat.messages]
+    with pytest.raises(LiteError, match="the message needs"):
+        reply(chat, "x" * 120)  # would drop both older turns, then still not fit
+    assert chat.messages == before
+
+
+def test_stopped_regen_keeps_the_previous_answer():
+    chat = Chat(FakeModel("abc"), params=GREEDY)
+    reply(chat, "q")
+    before = [dict(m) for m in chat.messages]
+    original = chat.session.feed
+
+    def feed_then_stop(ids, all_logits=False):  # Ctrl+C during the prefill, before the first token
+        chat.stop()
+        return original(ids, all_logits)
+
+    gen = chat.regenerate()
+
+    chat.session.feed = feed_then_stop
+    assert "".join(gen) == "" and chat.last.finish == "interrupted"
+    assert chat.messages == before
+
+
+def test_set_rejects_values_that_break_sampling_and_changes_nothing():
+    chat = Chat(FakeModel(), params=SamplingParams())
+    settings = chat.settings()
+    for name, value, message in [
+        ("temp", "inf", "temp must be a finite number >= 0 (0 = greedy), got 'inf'"),
+        ("temp", "nan", "temp must be a finite number >= 0 (0 = greedy), got 'nan'"),
+        ("repeat_penalty", "0", "repeat_penalty must be a finite number > 0 (1 = off), got '0'"),
+        ("seed", str(2**64), f"seed must be a whole number from 0 to {2**64 - 1}, got '{2**64}'"),
+        ("top_k", "1e3", "top_k must be a whole number >= 0 (0 = off), got '1e3'"),
+    ]:
+        with pytest.raises(LiteError) as e:
+            chat.set(name, value)
+        assert str(e.value) == message
+    assert chat.settings() == settings
+    chat.set("seed", str(2**64 - 1))
+    assert chat.seed == 2**64 - 1
+    chat.set("temp", "1e-300")
+    assert reply(chat, "q") == " hi there"  # a tiny temperature is greedy in effect, and finite
+
+
+def test_undecodable_input_is_replaced_and_noted():
+    chat = Chat(FakeModel(), params=GREEDY)
+    reply(chat, "Hello \udcff\udcfe")  # bytes 0xff 0xfe as a surrogateescape'd terminal delivers them
+    assert chat.messages[0]["content"] == "Hello \ufffd\ufffd"
+    assert chat.last.notes == ["the message was not valid UTF-8: 2 invalid bytes replaced with U+FFFD (\ufffd)"]
+
+
 # -- on a real tiny converted model with a real tokenizer ----------------------------------------------------
 
 

@@ -16,7 +16,9 @@ pexpect = pytest.importorskip("pexpect")
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = ">>> "
-FOOTER = re.compile(r"prompt (\d+) tok .*? gen (\d+) tok .*?TTFT \d+ ms · ctx (\d+)/(\d+) · expert hits \S+ · peak")
+FOOTER = re.compile(
+    r"prompt (\d+) tok .*? gen (\d+) tok .*?TTFT (?:\d+ ms|–) · ctx (\d+)/(\d+) · expert hits \S+ · peak RSS \d"
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +26,16 @@ def tiny(tmp_path_factory) -> Path:
     return tiny_chat_model(tmp_path_factory.mktemp("pty_models"))[0]
 
 
-def spawn(model: Path | None, tmp_path: Path, *args: str):
+def spawn(model: Path | None, tmp_path: Path, *args: str, **extra_env: str):
     env = {
         **os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1", "TERM": "xterm", "COLUMNS": "250",
         "LITE_HISTORY": str(tmp_path / "history"),
         "OMP_NUM_THREADS": "1",  # tiny model: one thread is fastest, and robust on a busy machine
+        **extra_env,
     }  # fmt: skip
     child = pexpect.spawn(
         sys.executable, ["-m", "cli.main", "chat", *([str(model)] if model else []), *args], cwd=str(ROOT), env=env,
-        encoding="utf-8", timeout=120, dimensions=(50, 250),
+        encoding="utf-8", codec_errors="replace", timeout=120, dimensions=(50, 250),
     )  # fmt: skip
     child.expect(PROMPT)
     return child
@@ -127,6 +130,27 @@ def test_chat_session(tiny, tmp_path):
     child.close()
     assert child.exitstatus == 0
     assert "Hello there" in (tmp_path / "history").read_text()  # arrow-key history is kept
+
+
+def test_bad_input_never_ends_the_chat(tiny, tmp_path):
+    """Invalid UTF-8 typed at the prompt and a /set that would break sampling: each says why, the chat goes on."""
+    # stdin strict, as under a UTF-8 locale such as en_US.UTF-8 (the C locale would already escape bad bytes)
+    child = spawn(tiny, tmp_path, "--temp", "0", "-n", "4", PYTHONIOENCODING="utf-8:strict")
+    os.write(child.child_fd, b"Hello \xff there\r")  # a byte that is not UTF-8, typed at the prompt
+    child.expect("the message was not valid UTF-8: 1 invalid byte replaced with U\\+FFFD")
+    child.expect(FOOTER)
+    child.expect(PROMPT)
+    assert "error: temp must be a finite number >= 0" in command(child, "/set temp inf")
+    assert "error: repeat_penalty must be a finite number > 0" in command(child, "/set repeat_penalty 0")
+    m = say(child, "Still here?")
+    assert int(m.group(2)) > 0
+    saved = tmp_path / "c.json"
+    assert f"(saved 4 messages to {saved})" in command(child, f"/save {saved}")
+    assert json.loads(saved.read_text())["messages"][0]["content"] == "Hello \ufffd there"
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
 
 
 def test_context_overflow_and_ctrl_d(tiny, tmp_path):

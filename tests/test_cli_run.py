@@ -3,12 +3,10 @@ converted models."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,34 +26,6 @@ def lite_subprocess(*args: str, stdin: str | None = None) -> subprocess.Complete
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return proc
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def lite(capsys, monkeypatch):
-    """`lite ARGS...` in this process (like a Click runner): cli.main.main with captured output."""
-    from cli.main import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("NO_COLOR", "1")
-
-    def call(*args: str, stdin: str | None = None, check: bool = True) -> Result:
-        capsys.readouterr()
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        if check:
-            assert code == 0, err
-        return Result(code, out, err)
-
-    return call
 
 
 @pytest.fixture(scope="session")
@@ -222,7 +192,12 @@ def test_every_flag_is_in_help_and_readme(command):
     section = section[: section.find("\n### ", 4) if "\n### " in section[4:] else len(section)]
     for action in sub._actions:
         for flag in action.option_strings:
-            if flag in ("-h", "--help"):
+            if flag in ("-h", "--help", "--debug"):  # every command's; README says so once
                 continue
             assert flag in help_text, (command, flag)
             assert flag in section, f"README's `lite {command}` section lacks {flag}"
+
+
+def test_global_flags_are_documented():
+    readme = (ROOT / "README.md").read_text()
+    assert "`--debug`" in readme and "`lite --version`" in readme

@@ -154,3 +154,48 @@ def test_published_configs(cfg):
     assert meta[f"{ARCH}.rope.scaling.factor"] == 40 and meta[f"{ARCH}.rope.scaling.original_context_length"] == 4096
     assert ModelArgs.from_gguf(meta) == args
     assert (args.topk_method == "group_limited_greedy") == (cfg["n_group"] > 1)
+
+
+def demo_metadata() -> dict:
+    from cli.common import DEFAULT_MODEL
+    from quant.gguf_file import GGUFFile
+
+    return dict(GGUFFile(DEFAULT_MODEL).metadata)
+
+
+def test_metadata_that_disagrees_is_named():
+    meta = demo_metadata()
+    cases = [
+        ({"deepseek2.block_count": 0}, "GGUF metadata deepseek2.block_count = 0 is not a whole number >= 1"),
+        ({"deepseek2.context_length": "512"}, "deepseek2.context_length = '512' is not a whole number >= 1"),
+        ({"deepseek2.expert_used_count": 17}, "deepseek2.expert_used_count = 17 exceeds the 16 experts"),
+        ({"deepseek2.attention.layer_norm_rms_epsilon": float("nan")}, "layer_norm_rms_epsilon = nan is not a finite"),
+        ({"deepseek2.vocab_size": 4000}, "deepseek2.vocab_size = 4000 disagrees with the 4096 tokens of the tokenizer"),
+        ({"deepseek2.leading_dense_block_count": 5}, "deepseek2.leading_dense_block_count = 5 exceeds the block count"),
+        ({"deepseek2.rope.dimension_count": "32"}, "GGUF metadata holds a value of the wrong type"),
+    ]
+    for change, message in cases:
+        with pytest.raises(LiteError) as e:
+            ModelArgs.from_gguf({**meta, **change})
+        assert message in str(e.value) and str(e.value).endswith("the file is corrupt"), str(e.value)
+
+
+def test_any_wrong_metadata_value_is_a_lite_error_or_accepted():
+    meta = demo_metadata()
+    keys = [k for k in meta if k.startswith("deepseek2.")]
+    for key in keys:
+        for value in ("x", -1, 0, 2**40, float("nan"), float("inf"), [1, 2], True, None):
+            try:
+                args = ModelArgs.from_gguf({**meta, key: value})
+            except LiteError:
+                continue
+            assert args.num_hidden_layers >= 1 and args.vocab_size >= 1  # accepted: still a usable shape
+
+
+def test_tensors_beyond_the_block_count_are_refused():
+    from lite.config import check_tensor_layers
+
+    args = ModelArgs.from_gguf(demo_metadata())
+    check_tensor_layers(args, ["blk.3.attn_norm.weight", "output.weight"])
+    with pytest.raises(LiteError, match="tensors for layer 4 but deepseek2.block_count is 4"):
+        check_tensor_layers(args, ["blk.4.attn_norm.weight"])

@@ -95,3 +95,10 @@ def test_agrees_with_transformers(tmp_path_factory):
     expected = math.exp(float(torch.cat(nll).mean()))
     assert res.tokens_scored == chunks * (ctx - 1 - ctx // 2)
     assert abs(res.ppl / expected - 1) < 1e-3, (res.ppl, expected)
+
+
+def test_chunks_must_be_positive():
+    model = TableModel(torch.zeros(5, 5))
+    for bad in (0, -1):
+        with pytest.raises(LiteError, match=rf"^chunks must be at least 1 \(None scores every chunk\), got {bad}$"):
+            perplexity(model, list(range(40)), ctx=10, chunks=bad)

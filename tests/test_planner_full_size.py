@@ -155,6 +155,6 @@ def test_cpu_disk_tier_stays_inside_ram_memory(files, capsys):
     assert r["total"] <= 2 * GiB + r["dense"] + r["embedding"] + GiB
     assert r["experts"] >= 2 * 6 * p["bytes_per_expert_ram"]  # an LRU of at least 2 x top-k experts
     # the default context (the model's 163840 tokens, float32) cannot fit 2 GiB: refused, saying what would
-    assert main(["plan", files["lite"], "--device", "cpu", "--ram", "2GiB"]) == 2
+    assert main(["plan", files["lite"], "--device", "cpu", "--ram", "2GiB", "-c", "163840"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--ctx" in err and "--ram" in err
+    assert err.count("\n") == 1 and "(-c " in err and "--ram" in err

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lite.sampling import SamplingParams, apply_repeat_penalty, probabilities, sample
+from lite.errors import LiteError
+from lite.sampling import SEED_MAX, SamplingParams, apply_repeat_penalty, check, probabilities, sample
 
 P4 = [0.5, 0.3, 0.15, 0.05]  # a distribution whose filtered versions are easy to write down
 
@@ -116,3 +117,74 @@ def test_same_seed_same_draws():
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+@pytest.mark.parametrize(
+    "name, value, label, message",
+    [
+        ("temperature", float("inf"), "--temp", "--temp must be a finite number >= 0 (0 = greedy), got inf"),
+        ("temperature", "nan", "temp", "temp must be a finite number >= 0 (0 = greedy), got 'nan'"),
+        ("temperature", -0.1, None, "temperature must be a finite number >= 0 (0 = greedy), got -0.1"),
+        ("repeat_penalty", 0.0, "--repeat-penalty", "--repeat-penalty must be a finite number > 0 (1 = off), got 0.0"),
+        ("repeat_penalty", "1e999", "repeat_penalty", "must be a finite number > 0 (1 = off), got '1e999'"),
+        ("seed", 2**64, "--seed", f"--seed must be a whole number from 0 to {SEED_MAX}, got {2**64}"),
+        ("seed", -1, "--seed", f"--seed must be a whole number from 0 to {SEED_MAX}, got -1"),
+        ("seed", "1.5", "seed", f"seed must be a whole number from 0 to {SEED_MAX}, got '1.5'"),
+        ("top_k", -1, "--top-k", "--top-k must be a whole number >= 0 (0 = off), got -1"),
+        ("top_k", 2.5, "top_k", "top_k must be a whole number >= 0 (0 = off), got 2.5"),
+        ("top_p", 1.5, "--top-p", "--top-p must be a number from 0 to 1 (1 = off), got 1.5"),
+        ("min_p", -0.01, "--min-p", "--min-p must be a number from 0 to 1 (0 = off), got -0.01"),
+        ("max_tokens", 0, "-n/--max-tokens", "-n/--max-tokens must be a whole number >= 1, got 0"),
+        ("top_k", True, "top_k", "top_k must be a whole number >= 0 (0 = off), got True"),
+    ],
+)
+def test_check_rejects_with_the_given_name(name, value, label, message):
+    with pytest.raises(LiteError) as e:
+        check(name, value, label)
+    assert str(e.value).endswith(message) and "\n" not in str(e.value)
+
+
+def test_check_converts_and_params_validate_on_construction():
+    assert check("seed", SEED_MAX) == SEED_MAX and check("seed", None) is None and check("seed", "7") == 7
+    assert check("top_k", 5.0) == 5 and isinstance(check("top_k", 5.0), int)
+    assert check("temperature", "0.25") == 0.25 and check("repeat_penalty", 1e-30) == 1e-30
+    with pytest.raises(LiteError, match="^temperature must be a finite number"):
+        SamplingParams(temperature=float("inf"))
+    with pytest.raises(LiteError, match="^repeat_penalty must be"):
+        SamplingParams(repeat_penalty=0)
+
+
+EXTREMES = [
+    dict(temperature=5e-324),  # the smallest float: greedy in effect
+    dict(temperature=1e-30),
+    dict(temperature=1e300),  # uniform over the kept tokens
+    dict(repeat_penalty=1e-300),  # positive logits of seen tokens overflow: saturated, not inf
+    dict(repeat_penalty=1e300),
+    dict(repeat_penalty=1e-30, temperature=1e-30, top_k=3),
+]
+
+
+@pytest.mark.parametrize("extreme", EXTREMES)
+def test_any_valid_option_samples_finitely(extreme):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, generator=g) * 10
+    logits[0], logits[1], logits[2] = 3e38, -3e38, float("-inf")  # extreme but legal logits
+    history = [0, 1, 2, 3, 4]
+    p = params(**extreme)
+    probs = probabilities(logits, p, history)
+    assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-5 and float(probs[2]) == 0.0
+    for _ in range(5):
+        assert 0 <= sample(logits, p, history, g) < 64
+
+
+def test_extreme_temperatures_mean_greedy_and_uniform():
+    logits = logits_of(P4)
+    assert close(probabilities(logits, params(temperature=1e-300)), [1, 0, 0, 0])
+    assert close(probabilities(logits, params(temperature=1e300, top_k=2)), [0.5, 0.5, 0, 0])
+
+
+def test_nan_logits_are_an_error_not_token_zero():
+    logits = torch.full((8,), float("nan"))
+    for p in (params(), params(temperature=0.0)):
+        with pytest.raises(LiteError, match="NaN logits"):
+            sample(logits, p)

@@ -348,3 +348,26 @@ def test_byte_tokens_decode_and_stream():
     assert tok.decode([2, 3, 4, 5, 2]) == "a中a" and tok.decode([3, 4]) == "\ufffd"
     s = tok.stream()
     assert [s.add(i) for i in (2, 3, 4, 5, 1, 2)] == ["a", "", "", "中", "", "a"] and s.flush() == ""
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tokenizer.ggml.merges": ["abc"]},  # no space: not a pair
+        {"tokenizer.ggml.merges": ["zzzq yyyq"]},  # tokens not in the vocabulary
+        {"tokenizer.ggml.merges": [1, 2]},
+        {"tokenizer.ggml.tokens": list(range(4096))},
+        {"tokenizer.ggml.bos_token_id": "x"},
+        {"tokenizer.ggml.bos_token_id": 10**9},
+        {"tokenizer.chat_template": 5},
+        {"tokenizer.ggml.model": 3},
+    ],
+)
+def test_damaged_tokenizer_metadata_is_a_lite_error(change):
+    from cli.common import DEFAULT_MODEL
+    from quant.gguf_file import GGUFFile
+
+    md = {**GGUFFile(DEFAULT_MODEL).metadata, **change}
+    with pytest.raises(LiteError) as e:
+        Tokenizer.from_metadata(md)
+    assert "\n" not in str(e.value)
