@@ -15,7 +15,8 @@ Options (the same names as the CLI flags):
 - `ctx`: context to plan the latent cache for (default 4096); `gguf_file` (passed by `lite.load`): lets the
   planner count the dense weights and the latent cache too; `cache_scope`: "layer" (default: each layer has
   its own slots) or "global" (one LRU over all slots); `drop_page_cache`: make disk-tier reads bypass the OS
-  page cache (for honest benchmarks).
+  page cache (for honest benchmarks); `async_prefetch` (default: on CUDA): predicted ids reach the host without
+  blocking the forward pass, and the worker thread issues the prefetch copies.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def build_experts(
     cache_dtype_bytes: int | None = None,
     cache_scope: str = "layer",
     drop_page_cache: bool = False,
+    async_prefetch: bool | None = None,
     **unknown: Any,
 ) -> ExpertBackend:
     """The expert backend for a model (see the module docstring for the options)."""
@@ -135,7 +137,7 @@ def build_experts(
     else:
         store = DiskStore(stacks, plan.ram_expert_bytes, drop_page_cache=drop_page_cache)
     engine = ExpertEngine(store, slots_per_layer=plan.slots_per_layer, lookahead=lookahead, miss_policy=miss_policy,
-                          **common)  # fmt: skip
+                          async_prefetch=async_prefetch, **common)  # fmt: skip
     if isinstance(store, DiskStore):
         store.on_read = lambda layer, n: engine.stats_.add(layer, "bytes_disk", n)
     engine.plan, engine.stacks = plan, stacks

@@ -17,6 +17,7 @@ their slot rows. On CUDA, bytes reach a slot through a fixed ring of pinned stag
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +61,7 @@ class ExpertEngine:
         lookahead: int = 1,
         miss_policy: str = "fetch",
         preloaded: dict[Key, Raws] | None = None,
+        async_prefetch: bool | None = None,
     ):
         self.store = store
         self.layers = sorted(layers)
@@ -71,6 +73,10 @@ class ExpertEngine:
         # slots are pool rows the grouped device kernel reads (CUDA, or its interpreted twin on the CPU)
         self.pooled = self.cuda or device_kernels_forced()
         self.lookahead = lookahead if predict is not None else 0
+        self.async_prefetch = self.cuda if async_prefetch is None else async_prefetch
+        self.lock = threading.RLock()  # the slot bookkeeping, shared with the worker's asynchronous prefetches
+        self.pass_no, self.layer_now = 0, -1  # where the forward pass is (async prefetches arriving late drop)
+        self._late_fills: list[tuple[Future, Key, int, Any]] = []
         self.miss_policy = miss_policy
         self.expert_bytes = max(spec.nbytes for spec in specs.values())
         self.lru = SlotLRU(self.layers, slots_per_layer, scope)
@@ -146,14 +152,31 @@ class ExpertEngine:
         self.staging.release(i, done)
         return done
 
-    def _issue(self, key: Key, slot: int) -> None:
-        """Start bringing `key` into `slot` without waiting for it."""
+    def _issue(self, key: Key, slot: int, on_worker: bool = False) -> Future | None:
+        """Start bringing `key` into `slot` without waiting for it (call with `self.lock` held). An earlier fill of
+        the slot still in flight lands first. From the worker thread (`on_worker`), the fill is the caller's to do
+        after releasing the lock: it gets the slot's `Future` back and completes it."""
         self.stats_.add(key[0], "bytes_h2d", self.specs[key[0]].nbytes)
         last = self.last_use.pop(slot, None)
+        prev = self.pending.pop(slot, None)
+        self.events.pop(slot, None)  # a copy-stream event: the next copy on that stream lands after it anyway
+        if on_worker:
+            fut: Future = Future()
+            self.pending[slot] = fut
+            self._late_fills.append((fut, key, slot, last))
+            return fut
         if self.cuda and not self.store.on_disk:
+            if prev is not None:
+                prev.result()  # a worker-issued copy into this slot: enqueue ours after it
             self.events[slot] = self._fill(key, slot, last)  # asynchronous on the copy stream already
         else:
-            self.pending[slot] = self.worker.submit(self._fill, key, slot, last)
+            self.pending[slot] = self.worker.submit(self._fill_after, prev, key, slot, last)
+        return None
+
+    def _fill_after(self, prev: Future | None, key: Key, slot: int, last: Any) -> Any:
+        if prev is not None:
+            prev.result()  # completed by an earlier job of this same worker: never blocks for long
+        return self._fill(key, slot, last)
 
     def _ready(self, slot: int, layer: int, miss: bool) -> ExpertWeights:
         """The slot's expert, once its bytes are in place. Blocks the host only for a miss or a disk read."""
@@ -218,22 +241,74 @@ class ExpertEngine:
     def on_residual(self, layer: int, h: torch.Tensor) -> None:
         """`h` is the residual stream leaving `layer`. Predict the experts of the next `lookahead` MoE layers
         from it and start copying them in: as many as a layer has slots, likeliest first (measured on the demo
-        model: filling every slot beats keeping LRU survivors; benchmarks/README.md "Offload")."""
+        model: filling every slot beats keeping LRU survivors; benchmarks/README.md "Offload").
+
+        With `async_prefetch` (the default on CUDA) the predicted ids travel to pinned host memory without
+        stopping this thread, and the worker plans and issues the copies once they land: a decode step then
+        blocks the host once per MoE layer (its routing), not twice."""
         if self.lookahead <= 0:
             return
-        protected = {k for k in self.lru.keys() if k[0] == layer} if self.lru.scope == "global" else set()
         width = min(self.slots_per_layer, self.n_experts)
-        for target in self.layers:
-            if not layer < target <= layer + self.lookahead:
-                continue
-            ids = self.predict(target, h, width).reshape(-1).tolist()
+        targets = [t for t in self.layers if layer < t <= layer + self.lookahead]
+        preds = [(t, self.predict(t, h, width).reshape(-1)) for t in targets]
+        if not preds:
+            return
+        with self.lock:
+            self._advance(layer)
+            stamp = (self.pass_no, layer)
+        if not self.async_prefetch or h.shape[0] > 1:
+            for target, ids in preds:
+                self._prefetch(target, ids.tolist(), stamp, on_worker=False)
+            return
+        host = [(t, self._to_host(ids)) for t, ids in preds]
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        self.worker.submit(self._prefetch_job, host, event, stamp)
+
+    def _advance(self, layer: int) -> None:
+        """Track where the forward pass is (call with the lock held): a lower layer starts the next pass."""
+        if layer < self.layer_now:
+            self.pass_no += 1
+        self.layer_now = layer
+
+    def _to_host(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [n] on the device -> a pinned host tensor, filled asynchronously (valid once the event recorded
+        after this call has completed)."""
+        if ids.device.type != "cuda":
+            return ids
+        buf = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)  # torch's host allocator caches these
+        return buf.copy_(ids, non_blocking=True)
+
+    def _prefetch_job(self, preds: list, event: torch.cuda.Event | None, stamp: tuple[int, int]) -> None:
+        if event is not None:
+            event.synchronize()  # the worker waits for the ids, not the forward pass
+        for target, ids in preds:
+            self._prefetch(target, ids.tolist(), stamp, on_worker=True)
+
+    def _prefetch(self, target: int, ids: list[int], stamp: tuple[int, int], on_worker: bool) -> None:
+        """Plan and issue the copies for one predicted layer (predicted at `stamp`: (forward pass, layer)); on the
+        worker, a prediction the forward pass has overtaken is dropped."""
+        with self.lock:
+            if on_worker and (self.pass_no, self.layer_now) >= (stamp[0], target):
+                return  # the forward pass has reached that layer already: too late to help, and unsafe
+            protected: set[Key] = set()
+            if self.lru.scope == "global":  # never evict what this or the running layer holds
+                protected = {k for k in self.lru.keys() if k[0] in (stamp[1], self.layer_now)}
             plan = prefetch_plan(self.lru, target, ids, protected, self.in_ram, DISK_READS_PER_PREFETCH)
             for key, slot, evicted in plan:
                 if evicted is not None:
                     self.prefetched.discard(evicted)
-                self._issue(key, slot)
+                self._issue(key, slot, on_worker=on_worker)
                 self.prefetched.add(key)
                 self.stats_.add(target, "prefetches_issued")
+            fills, self._late_fills = self._late_fills, []
+        for fut, key, slot, last in fills:  # outside the lock: the forward pass may go on meanwhile
+            try:
+                fut.set_result(self._fill(key, slot, last))
+            except BaseException as e:  # the waiting forward pass re-raises it
+                fut.set_exception(e)
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden], ids: [T, k], weights: [T, k] -> [T, hidden]
@@ -264,20 +339,22 @@ class ExpertEngine:
                 a += c
 
         keys = [(layer, e) for e in experts]
-        plan = plan_call(self.lru, keys, lambda key: self._choose_cpu(n_rows[key[1]]))
-        hits, to_cpu, deferred = plan.hits, plan.to_cpu, plan.deferred
-        for key in hits:
-            self.stats_.add(layer, "hits")
-            if key in self.prefetched:
-                self.prefetched.discard(key)
-                self.stats_.add(layer, "prefetches_used")
-        self.stats_.add(layer, "misses", len(keys) - len(hits))
-        issued = []
-        for key, slot, evicted in plan.issued:
-            if evicted is not None:
-                self.prefetched.discard(evicted)
-            self._issue(key, slot)
-            issued.append(key)
+        with self.lock:  # the worker's asynchronous prefetches plan under the same lock
+            self._advance(layer)
+            plan = plan_call(self.lru, keys, lambda key: self._choose_cpu(n_rows[key[1]]))
+            hits, to_cpu, deferred = plan.hits, plan.to_cpu, plan.deferred
+            for key in hits:
+                self.stats_.add(layer, "hits")
+                if key in self.prefetched:
+                    self.prefetched.discard(key)
+                    self.stats_.add(layer, "prefetches_used")
+            self.stats_.add(layer, "misses", len(keys) - len(hits))
+            issued = []
+            for key, slot, evicted in plan.issued:
+                if evicted is not None:
+                    self.prefetched.discard(evicted)
+                self._issue(key, slot)
+                issued.append(key)
 
         self._hit_set = set(hits)
         if self.pooled and not deferred and (ids.shape[0] == 1 or not to_cpu):
@@ -312,10 +389,11 @@ class ExpertEngine:
             run_slot(key, miss=True)
         remaining = set(deferred)
         for key in deferred:  # fewer slots than experts: evict ones already computed
-            slot, evicted = next_slot(self.lru, key, remaining)
-            if evicted is not None:
-                self.prefetched.discard(evicted)
-            self._issue(key, slot)
+            with self.lock:
+                slot, evicted = next_slot(self.lru, key, remaining)
+                if evicted is not None:
+                    self.prefetched.discard(evicted)
+                self._issue(key, slot)
             run_slot(key, miss=True)
             remaining.discard(key)
 

@@ -423,3 +423,48 @@ def test_backends_implement_the_protocol(tiny_model):
     assert isinstance(tiny_model.experts, ExpertBackend)
     assert isinstance(ResidentExperts(tiny_model.experts.stacks, "cpu", torch.float32), ExpertBackend)
     assert not isinstance(object(), ExpertBackend)
+
+
+def test_async_prefetch_keeps_logits_and_prefetches(tiny_model, tiny_gguf):
+    """The CUDA default, forced on the CPU: predicted ids go to the worker, which plans and copies while the forward
+    pass goes on (a late prediction is dropped). Logits stay bit-identical; prefetches are issued and used."""
+    gguf_file = GGUFFile(tiny_gguf)
+    base_pre, base_dec, _, _ = run(tiny_model, gguf_file, experts_on="device")
+    for slots, tier, scope in ((2, "ram", "layer"), (1, "disk", "layer"), (3, "ram", "global"), (4, "disk", "global")):
+        opts = dict(experts_on=tier, expert_cache=slots, prefetch=1, miss_policy="fetch", cache_scope=scope)
+        if tier == "disk":
+            opts["ram_memory"] = disk_ram(tiny_model, slots, 4)
+        for _ in range(3):  # thread timing differs from run to run
+            pre, dec, st, engine = run(tiny_model, gguf_file, async_prefetch=True, **opts)
+            assert engine.async_prefetch
+            assert torch.equal(pre, base_pre), opts
+            assert all(torch.equal(a, b) for a, b in zip(dec, base_dec)), opts
+            t = st["total"]
+            assert t["prefetches_used"] <= t["prefetches_issued"]
+            assert t["prefetches_issued"] > 0 or tier == "disk"  # the disk tier prefetches only what RAM holds
+            assert engine.pending == {} or all(f.done() for f in engine.pending.values())
+
+
+def test_async_prefetch_lands_before_use_and_drops_when_overtaken(tiny_gguf):
+    import threading
+
+    e = engine_for(tiny_gguf, 2, {2: [[3, 4]]}, prefetch=1, miss_policy="fetch", async_prefetch=True)
+    h = torch.zeros(1, 8)
+    call(e, 1, [[0, 1]])
+    e.on_residual(1, h)
+    e.worker.submit(lambda: None).result()  # the worker has planned and copied
+    assert e.stats()["layers"][2]["prefetches_issued"] == 2
+    call(e, 2, [[3, 4]])
+    assert e.stats()["layers"][2]["hits"] == 2 and e.stats()["layers"][2]["prefetches_used"] == 2
+    # the next pass: the worker is held up, the forward pass reaches layer 2 first, the prediction is dropped
+    gate = threading.Event()
+    e.worker.submit(gate.wait)
+    call(e, 1, [[0, 1]])  # hits only: nothing waits for the worker
+    e.predict = lambda layer, h, width: torch.tensor([[5, 6]])
+    e.on_residual(1, h)
+    call(e, 2, [[3, 4]])
+    gate.set()
+    e.worker.submit(lambda: None).result()
+    assert (2, 5) not in e.lru and (2, 6) not in e.lru
+    assert e.stats()["layers"][2]["prefetches_issued"] == 2
+    e.close()

@@ -74,7 +74,8 @@ def test_copy_stream_overlaps_and_events(cuda_model):
     """A prefetch returns before its copy is done (asynchronous), and the data lands intact."""
     model, gguf = cuda_model
     engine = build_experts(model.experts.stacks, model.experts.predict, "cuda", model.dtype, gguf_file=gguf,
-                           experts_on="ram", expert_cache=2, prefetch=1, miss_policy="fetch")  # fmt: skip
+                           experts_on="ram", expert_cache=2, prefetch=1, miss_policy="fetch",
+                           async_prefetch=False)  # fmt: skip
     try:
         engine.predict = lambda layer, h, width: torch.tensor([[3, 5]], device="cuda")
         engine.on_residual(1, torch.zeros(1, 8, device="cuda"))
@@ -85,6 +86,31 @@ def test_copy_stream_overlaps_and_events(cuda_model):
         spec = engine.specs[2]
         host = torch.zeros(spec.nbytes, dtype=torch.uint8)
         write_expert(host, engine.store.read_raw((2, 3)), spec)  # the GGUF bytes, laid out as in a slot
+        assert torch.equal(pool[row, : spec.nbytes].cpu(), host)
+    finally:
+        engine.close()
+
+
+def test_async_prefetch_on_cuda(cuda_model):
+    """The CUDA default: on_residual returns without a host sync; the worker plans and copies once the ids land."""
+    model, gguf = cuda_model
+    engine = build_experts(model.experts.stacks, model.experts.predict, "cuda", model.dtype, gguf_file=gguf,
+                           experts_on="ram", expert_cache=2, prefetch=1, miss_policy="fetch")  # fmt: skip
+    try:
+        assert engine.async_prefetch
+        engine.predict = lambda layer, h, width: torch.tensor([[3, 5]], device="cuda")
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call in on_residual raises
+        try:
+            engine.on_residual(1, torch.zeros(1, 8, device="cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        engine.worker.submit(lambda: None).result()
+        assert engine.stats()["layers"][2]["prefetches_issued"] == 2
+        torch.cuda.synchronize()
+        pool, row = engine._pool_row(engine.lru.lookup((2, 5)))
+        spec = engine.specs[2]
+        host = torch.zeros(spec.nbytes, dtype=torch.uint8)
+        write_expert(host, engine.store.read_raw((2, 5)), spec)
         assert torch.equal(pool[row, : spec.nbytes].cpu(), host)
     finally:
         engine.close()
