@@ -46,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"cli.cmd_{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"cli.cmd_{name}":
-                raise
-            continue
+        module = importlib.import_module(f"cli.cmd_{name}")  # a missing command module is a broken install: loud
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[debug])
         module.add_parser(p)
         p.set_defaults(_run=module.run)

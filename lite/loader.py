@@ -105,10 +105,8 @@ class Model:
 def _load_tokenizer(gguf_file) -> Any:
     if "tokenizer.ggml.tokens" not in gguf_file.metadata:
         return None
-    try:
-        from lite.tokenizer import Tokenizer
-    except ImportError:
-        return None
+    from lite.tokenizer import Tokenizer  # part of lite: an ImportError here is a broken install, not "no tokenizer"
+
     return Tokenizer.from_gguf(gguf_file)
 
 

@@ -68,7 +68,8 @@ def test_greedy_generation_reproduces_recording(demo):
 
 
 def test_recording_agrees_with_float_checkpoint(demo):
-    assert AGREE >= 3 and LITE_GREEDY[:AGREE] == FLOAT_GREEDY[:AGREE]
+    live = list(demo.generate(PROMPT_IDS, max_tokens=AGREE, temperature=0.0))  # not the recording: the model now
+    assert AGREE >= 3 and live == FLOAT_GREEDY[:AGREE]
     # Teacher-forced along the float model's own path, the 4-bit model picks the same token almost everywhere.
     logits = demo.logits(PROMPT_IDS + FLOAT_GREEDY[:-1])  # [T, vocab]
     picks = logits[len(PROMPT_IDS) - 1 :].argmax(-1).tolist()

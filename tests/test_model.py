@@ -113,7 +113,8 @@ def test_parity_through_gguf_file(hf_lite, tmp_path):
 
 
 def test_parity_converted(hf_checkpoint, tmp_path):
-    convert = pytest.importorskip("lite.convert", reason="the converter (lite/convert.py) is not there yet")
+    import lite.convert as convert
+
     out = tmp_path / "conv.gguf"
     convert.convert(hf_checkpoint, out, outtype="f32")
     assert_parity(lite.load(str(out), device="cpu").logits(TOKENS), reference_logits(hf_checkpoint, TOKENS))
@@ -263,7 +264,6 @@ def test_cuda_parity_and_incremental(hf_checkpoint, tmp_path):
 
 
 def test_load_converted_with_tokenizer(tmp_path_factory):
-    pytest.importorskip("lite.convert", reason="the converter (lite/convert.py) is not there yet")
     from cli_models import tiny_chat_model
 
     path, hf = tiny_chat_model(tmp_path_factory.mktemp("with_tokenizer"))

@@ -176,7 +176,7 @@ def test_counters_on_constructed_routing(tiny_gguf):
     assert (sim["hits"], sim["misses"], sim["prefetches_issued"], sim["prefetches_used"]) == (5, 3, 7, 4)
     tot = s["total"]
     assert tot["bytes_h2d"] == (7 + 8) * e.expert_bytes  # every prefetch and every fetched miss is one copy
-    assert tot["bytes_disk"] == 0 and tot["cpu_experts"] == 0 and tot["stall_s"] >= 0
+    assert tot["bytes_disk"] == 0 and tot["cpu_experts"] == 0
     assert tot["hits"] == 8 and tot["misses"] == 8 and s["slots_per_layer"] == 2 and s["tier"] == "ram"
     e.reset_stats()
     assert e.stats()["total"]["hits"] == 0 and e.stats()["total"]["bytes_h2d"] == 0
@@ -264,7 +264,7 @@ def test_trace_recorder_on_a_model(tiny_gguf, tmp_path):
     assert calls[1]["predicted"] is not None and len(calls[1]["predicted"]) == len(calls[1]["selected"])
     rep = report(calls, [2, 8])
     assert rep["sizes"][8]["belady"] >= rep["sizes"][8]["lru"]
-    assert 0 <= rep["prediction_accuracy"] <= 1
+    assert rep["prediction_accuracy"] > 0  # the next layer's gate on this residual names some of its experts
 
 
 def test_prediction_is_the_gate_of_the_next_layer_on_the_residual_leaving_this_one(tiny_model):
@@ -467,4 +467,24 @@ def test_async_prefetch_lands_before_use_and_drops_when_overtaken(tiny_gguf):
     e.worker.submit(lambda: None).result()
     assert (2, 5) not in e.lru and (2, 6) not in e.lru
     assert e.stats()["layers"][2]["prefetches_issued"] == 2
+    e.close()
+
+
+def test_stall_time_counts_the_wait_for_a_slow_read(tiny_gguf):
+    """stall_s is the time the forward pass waited for expert bytes: a disk read made 50 ms slower shows up."""
+    import time
+
+    e = engine_for(tiny_gguf, 2, {}, prefetch=False, miss_policy="fetch", experts_on="disk", ram_memory=10**9)
+    read = e.store.read_raw
+
+    def slow(key):
+        time.sleep(0.05)
+        return read(key)
+
+    e.store.read_raw = slow
+    call(e, 1, [[0, 1]])  # two misses, each read on the worker while the forward pass waits
+    stall = e.stats()["total"]["stall_s"]
+    assert 0.09 <= stall <= 5, stall
+    call(e, 1, [[0, 1]])  # hits: no waiting
+    assert e.stats()["total"]["stall_s"] == stall
     e.close()
