@@ -82,6 +82,8 @@ class ExpertEngine:
         self.lru = SlotLRU(self.layers, slots_per_layer, scope)
         self.slots_per_layer = slots_per_layer
         self.stats_ = ExpertStats(self.layers)
+        self.plan: Any = None  # the planner's Plan and the expert stacks, set by build_experts (for callers)
+        self.stacks: dict[int, Any] = {}
         self.prefetched: set[Key] = set()  # brought in by prefetch, not used yet
         self.pending: dict[int, Future] = {}  # slot -> worker job filling it (result: CUDA event or None)
         self.events: dict[int, torch.cuda.Event] = {}  # slot -> copy-done event (CUDA, RAM tier)
@@ -104,7 +106,9 @@ class ExpertEngine:
                 self.pools.append(torch.zeros(self.lru.capacity, _align(width), dtype=torch.uint8, device=device))
         if preloaded is not None:  # everything resident
             for key in sorted(preloaded):
-                slot, _ = self.lru.allocate(key)
+                got = self.lru.allocate(key)
+                assert got is not None  # a slot per expert
+                slot = got[0]
                 if fixed:
                     self._views[(slot, key[0])] = host_expert(preloaded[key], specs[key[0]])
                 else:
@@ -121,6 +125,11 @@ class ExpertEngine:
     def _pool_row(self, slot: int) -> tuple[torch.Tensor, int]:
         """The pool holding `slot` and its row there (SlotLRU numbers each group's slots consecutively)."""
         return self.pools[slot // self.lru.capacity], slot % self.lru.capacity
+
+    def _slot_of(self, key: Key) -> int:
+        slot = self.lru.lookup(key)
+        assert slot is not None, f"{key} is not in the device cache"
+        return slot
 
     def _slot_view(self, slot: int, layer: int) -> ExpertWeights:
         view = self._views.get((slot, layer))
@@ -168,7 +177,9 @@ class ExpertEngine:
         if self.cuda and not self.store.on_disk:
             if prev is not None:
                 prev.result()  # a worker-issued copy into this slot: enqueue ours after it
-            self.events[slot] = self._fill(key, slot, last)  # asynchronous on the copy stream already
+            done = self._fill(key, slot, last)  # asynchronous on the copy stream already
+            assert done is not None
+            self.events[slot] = done
         else:
             self.pending[slot] = self.worker.submit(self._fill_after, prev, key, slot, last)
         return None
@@ -250,6 +261,7 @@ class ExpertEngine:
             return
         width = min(self.slots_per_layer, self.n_experts)
         targets = [t for t in self.layers if layer < t <= layer + self.lookahead]
+        assert self.predict is not None  # lookahead > 0 needs a predictor
         preds = [(t, self.predict(t, h, width).reshape(-1)) for t in targets]
         if not preds:
             return
@@ -364,7 +376,7 @@ class ExpertEngine:
         sources: dict[int, ExpertWeights] = {}  # fused: each expert's weights, all run at the end in one call
 
         def run_slot(key: Key, miss: bool) -> None:
-            slot = self.lru.lookup(key)
+            slot = self._slot_of(key)
             if fused:  # a deferred fetch may refill this slot before the fused call: then keep a copy
                 ready = self._ready(slot, layer, miss)
                 sources[key[1]] = ready.clone() if deferred else ready
@@ -430,7 +442,7 @@ class ExpertEngine:
             rows[key[1]] = self._pool_row(slot)[1]
         cpu_ys = [(e, self._host_expert((layer, e))(x.to("cpu")).to(x.device)) for _, e in to_cpu]
         self.stats_.add(layer, "cpu_experts", len(cpu_ys))
-        pool = self._pool_row(self.lru.lookup(on_device[0]))[0] if on_device else None
+        pool = self._pool_row(self._slot_of(on_device[0]))[0] if on_device else None
         if ids.shape[0] == 1:  # the columns in ascending expert id order, so the k-term sum has a fixed order
             cols = [e for e in experts if e in rows]
             slot_rows = torch.tensor([[rows[e] for e in cols]], dtype=torch.int32)

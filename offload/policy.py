@@ -83,7 +83,7 @@ def plan_call(lru: SlotLRU, keys: list[Key], run_on_cpu: Callable[[Key], bool] =
     """Admit a call's experts: hits are touched; each miss runs on the CPU (`run_on_cpu`) or gets a slot without
     evicting another expert of this call; the misses left without one are deferred (fewer slots than experts)."""
     plan = CallPlan()
-    to_fetch = []
+    to_fetch: list[Key] = []
     for key in keys:
         if key in lru:
             lru.touch(key)

@@ -111,7 +111,7 @@ class DiskStore:
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         offset = ref.slice_offset(e)
-        got = os.preadv(fd, [memoryview(dst)], offset)  # straight into the expert's buffer
+        got = os.preadv(fd, [dst.data], offset)  # straight into the expert's buffer
         if got != dst.nbytes:
             raise OSError(f"short read of {ref.name} expert {e}: {got} of {dst.nbytes} bytes")
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
