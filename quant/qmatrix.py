@@ -38,13 +38,14 @@ from quant.formats import _as_uint8_tensor, _f16, _k_scale_min, _nibbles, dequan
 
 Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
-NATIVE_TYPES = tuple(Q[name] for name in native.SUPPORTED_QTYPES)
+NATIVE_TYPES = tuple(Q.__members__[name] for name in native.SUPPORTED_QTYPES)
 CPU_KERNELS = ("native", "int4pack", "dense")
 # Rows of x from which a "gguf" weight is dequantized to bf16 per call (AMX/AVX512-BF16 GEMM) instead of running
 # the 8-bit kernel, whose cost grows linearly with rows: the crossovers measured by `bench_decode.py --kernels`
 # (1 thread) on DeepSeek-V2-Lite's 1408x2048 / 2048x1408 / 2048x2048 shapes; Q5_0 assumed like Q4_0.
 DEQUANT_FROM_ROWS = {Q.Q8_0: 96, Q.Q4_0: 128, Q.Q5_0: 128, Q.Q4_K: 224, Q.Q6_K: 112}
 GROUP = 32
+_NO_TENSOR = torch.empty(0)
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
 
 
@@ -225,7 +226,9 @@ class QMatrix:
         self.tensors = tensors
         self.padded_n = padded_n
         self.readonly = readonly  # a view of a read-only memory map: never written into
-        self._packed, self._sz, self._raw = tensors.get("packed"), tensors.get("scales_zeros"), tensors.get("raw")
+        none = _NO_TENSOR  # each layout has only its own tensors
+        self._packed, self._sz = tensors.get("packed", none), tensors.get("scales_zeros", none)
+        self._raw = tensors.get("raw", none)
         if layout == "cpu":
             self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         elif layout == "cuda":
