@@ -146,7 +146,9 @@ def bench_model(device: str, layers: int, cache: str, prompt: int, decode: int, 
             vocab = model.config.vocab_size
             ids = torch.randint(0, vocab, (prompt + decode + 8,), generator=torch.Generator().manual_seed(1)).tolist()
             s = model.session(prompt + decode + 8)
-            s.feed(ids[:8])  # warm-up (kernel compilation)
+            s.feed(ids[:prompt])  # warm-up: Triton compiles each kernel variant on first use (prefill and decode)
+            for t in ids[prompt : prompt + 3]:
+                s.feed([t])
             sync()
             s.reset()
             model.reset_stats()

@@ -48,7 +48,11 @@ def test_cuda_engine_invariant(cuda_model):
         if tier == "disk":
             opts["ram_memory"] = 4 * model.experts.plan.expert_bytes
         out, st, engine = run(model, gguf, **opts)
-        assert torch.equal(out, base), opts  # same kernels on the same bytes: bit-identical
+        if slots == n:  # no expert waits for a slot: the same grouped kernel on the same bytes, bit-identical
+            assert torch.equal(out, base), opts
+        else:  # a call needing more experts than slots runs them one by one (other kernels): bf16-close
+            cos = torch.nn.functional.cosine_similarity(out.float(), base.float(), dim=-1)
+            assert float(cos.min()) >= 0.99, (opts, cos)
         assert engine.staging.buffers.is_pinned()  # copies go through the fixed pinned ring
         assert all(p.device.type == "cuda" for p in engine.pools)
         assert st["total"]["bytes_h2d"] > 0
@@ -98,10 +102,11 @@ def test_async_prefetch_on_cuda(cuda_model):
                            experts_on="ram", expert_cache=2, prefetch=1, miss_policy="fetch")  # fmt: skip
     try:
         assert engine.async_prefetch
-        engine.predict = lambda layer, h, width: torch.tensor([[3, 5]], device="cuda")
+        pred, h = torch.tensor([[3, 5]], device="cuda"), torch.zeros(1, 8, device="cuda")
+        engine.predict = lambda layer, h, width: pred
         torch.cuda.set_sync_debug_mode("error")  # any synchronising call in on_residual raises
         try:
-            engine.on_residual(1, torch.zeros(1, 8, device="cuda"))
+            engine.on_residual(1, h)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         engine.worker.submit(lambda: None).result()
