@@ -31,6 +31,14 @@ def hf_lite(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("hf_lite_only"), "lite", seed=2)
 
 
+@pytest.fixture(scope="session", params=["v3", "moonlight", "kimi"])
+def hf_v3(request, tmp_path_factory) -> Path:
+    """A tiny random DeepseekV3ForCausalLM checkpoint: V3/R1-like, Moonlight-like, Kimi-K2-like."""
+    from tiny_models import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp(f"hf_{request.param}"), request.param, seed=3)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

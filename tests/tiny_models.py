@@ -1,4 +1,4 @@
-"""Tiny random DeepSeek-V2 checkpoints for tests, written with transformers (the reference)."""
+"""Tiny random DeepSeek-V2 and V3-family checkpoints for tests, written with transformers (the reference)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,60 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+YARN_V3 = dict(YARN, mscale=1.0, mscale_all_dim=1.0)  # DeepSeek-V3 / Kimi-K2 use mscale 1.0
+V3_ROUTER = dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True)
+
+# DeepseekV3ForCausalLM checkpoints (transformers' DeepseekV3Config); `make_checkpoint` picks the class by name.
+V3_CONFIGS: dict[str, dict] = {
+    # V3/R1-like: q LoRA, 4 groups keeping 2 (noaux_tc), sigmoid + bias, several dense first layers, YaRN.
+    "v3": dict(
+        COMMON,
+        **V3_ROUTER,
+        num_hidden_layers=4,
+        first_k_dense_replace=2,
+        q_lora_rank=96,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1,
+        rope_parameters=dict(YARN_V3),
+    ),
+    # Moonlight-like: q_proj, one group, plain RoPE.
+    "moonlight": dict(
+        COMMON,
+        **V3_ROUTER,
+        q_lora_rank=None,
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        n_shared_experts=2,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.446,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    ),
+    # Kimi-K2-like: many experts, one dense layer, one group, YaRN.
+    "kimi": dict(
+        COMMON,
+        **V3_ROUTER,
+        q_lora_rank=96,
+        n_routed_experts=48,
+        num_experts_per_tok=8,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.827,
+        rope_parameters=dict(YARN_V3, rope_theta=50000.0),
+    ),
+}
+
+
+def is_v3(kind: str) -> bool:
+    return kind in V3_CONFIGS
+
+
 def randomize_(model, seed: int) -> None:
     """Give every parameter a well-scaled random value so routing and logits are distinct (no ties)."""
     import torch
@@ -90,27 +144,39 @@ def randomize_(model, seed: int) -> None:
             else:
                 fan_in = p.shape[-1]
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # comparable to the sigmoid scores' spread: it matters
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 def make_checkpoint(out_dir: str | Path, kind: str = "lite", seed: int = 0, **overrides) -> Path:
-    """Write a tiny random HF DeepSeek-V2 checkpoint (config.json + model.safetensors) to `out_dir`."""
-    import torch
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    """Write a tiny random HF checkpoint (config.json + model.safetensors) to `out_dir`: DeepseekV2ForCausalLM
+    for the CONFIGS, DeepseekV3ForCausalLM for the V3_CONFIGS."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
     out = Path(out_dir)
-    cfg = DeepseekV2Config(**{**CONFIGS[kind], **overrides})
-    torch.manual_seed(seed)
-    model = DeepseekV2ForCausalLM(cfg).float().eval()
-    randomize_(model, seed)
+    if is_v3(kind):
+        model = _build(DeepseekV3Config(**{**V3_CONFIGS[kind], **overrides}), DeepseekV3ForCausalLM, seed)
+    else:
+        model = _build(DeepseekV2Config(**{**CONFIGS[kind], **overrides}), DeepseekV2ForCausalLM, seed)
     model.save_pretrained(out)
     return out
+
+
+def _build(cfg, cls, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    randomize_(model, seed)
+    return model
 
 
 def reference_logits(ckpt_dir: str | Path, tokens: list[int]):
     """transformers' float32 logits [T, vocab] for `tokens` (full causal forward)."""
     import torch
-    from transformers import DeepseekV2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = DeepseekV2ForCausalLM.from_pretrained(str(ckpt_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()
