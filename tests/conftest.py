@@ -40,6 +40,18 @@ def hf_v3(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_fp8(tmp_path_factory) -> tuple[Path, Path]:
+    """(fp8 checkpoint, its exactly dequantized float32 twin): the V3-like config with e4m3 weights and 128x128
+    block scales, as DeepSeek-V3/R1 are released."""
+    from tiny_models import make_checkpoint, make_fp8_checkpoint
+
+    src = make_checkpoint(tmp_path_factory.mktemp("hf_v3_src"), "v3", seed=4)
+    fp8, ref = tmp_path_factory.mktemp("hf_fp8"), tmp_path_factory.mktemp("hf_fp8_ref")
+    make_fp8_checkpoint(src, fp8, ref)
+    return fp8, ref
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"../shared is absent ({SHARED}); it holds the DeepSeek vocabulary and corpus")

@@ -180,3 +180,56 @@ def reference_logits(ckpt_dir: str | Path, tokens: list[int]):
     model = AutoModelForCausalLM.from_pretrained(str(ckpt_dir), dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float()
+
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def fp8_quantize(w, block: tuple[int, int] = (128, 128)):
+    """w [out, in] float32 -> (e4m3 weight [out, in], float32 weight_scale_inv [ceil(out/b0), ceil(in/b1)],
+    the exact dequantized float32 weight), as DeepSeek's FP8 checkpoints store it. The dequantized weight is
+    computed here by padding to whole blocks (independently of lite/fp8.py)."""
+    import torch
+
+    (o, i), (b0, b1) = w.shape, block
+    R, C = -(-o // b0), -(-i // b1)
+    padded = torch.zeros(R * b0, C * b1)
+    padded[:o, :i] = w
+    blocks = padded.view(R, b0, C, b1)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [R, C]
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    deq = (q.float() * scale[:, None, :, None]).view(R * b0, C * b1)[:o, :i].contiguous()
+    return q.view(R * b0, C * b1)[:o, :i].contiguous(), scale.float(), deq
+
+
+def is_fp8_weight(name: str, shape) -> bool:
+    """The tensors DeepSeek-V3's FP8 release stores in float8: linear weights but the embedding, the output and
+    the routers."""
+    skip = ("embed_tokens", "lm_head", "mlp.gate.weight", "layernorm", "norm.weight")
+    return len(shape) == 2 and name.endswith(".weight") and not any(s in name for s in skip)
+
+
+def make_fp8_checkpoint(src: str | Path, fp8_dir: str | Path, ref_dir: str | Path, block=(128, 128)) -> None:
+    """From an f32 checkpoint `src`: `fp8_dir` with e4m3 weights + weight_scale_inv and a quantization_config, and
+    `ref_dir` with the exactly dequantized float32 weights (for transformers, the reference)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, fp8_dir, ref_dir = Path(src), Path(fp8_dir), Path(ref_dir)
+    weights = load_file(str(src / "model.safetensors"))
+    fp8, ref = {}, {}
+    for name, w in weights.items():
+        if is_fp8_weight(name, w.shape):
+            q, scale, deq = fp8_quantize(w.float(), block)
+            fp8[name], fp8[name + "_scale_inv"], ref[name] = q, scale, deq
+        else:
+            fp8[name] = ref[name] = w
+    for d, tensors in ((fp8_dir, fp8), (ref_dir, ref)):
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(src / "config.json", d / "config.json")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
+    (fp8_dir / "config.json").write_text(json.dumps(cfg, indent=1))
