@@ -10,7 +10,7 @@ import sys
 COMMANDS = {
     "chat": "Chat with a model in the terminal",
     "run": "Generate once from a prompt and stream to stdout",
-    "convert": "Convert a Hugging Face DeepSeek-V2 checkpoint to GGUF",
+    "convert": "Convert a Hugging Face DeepSeek-V2/V3-family checkpoint (bf16 or fp8) to GGUF",
     "info": "Show a GGUF file's metadata, tensor types and sizes",
     "plan": "Plan where weights go for given memory budgets (reads metadata only)",
     "bench": "Measure prompt and decode speed and expert-cache statistics",
@@ -19,7 +19,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lite", description="Chat with DeepSeek-V2-class MoE models on one GPU.")
+    parser = argparse.ArgumentParser(prog="lite", description="Chat with DeepSeek-V2/V3-class MoE models on one GPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         try:

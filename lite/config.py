@@ -161,7 +161,7 @@ class ModelArgs:
         """From `deepseek2.*` GGUF metadata, current layout (head_count_kv=1, key_length=576, *_mla keys) or older."""
         arch = meta.get("general.architecture", ARCH)
         if arch != ARCH:
-            raise LiteError(f"the GGUF architecture is {arch!r}, not {ARCH!r}; lite runs DeepSeek-V2 models only")
+            raise LiteError(f"the GGUF architecture is {arch!r}, not {ARCH!r}; lite runs DeepSeek-V2/V3 models only")
 
         def get(key: str, default: Any = KeyError) -> Any:
             value = meta.get(key.format(arch=ARCH), default)

@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V2 tensor names → llama.cpp GGUF tensor names, and the tensor surgery between them.
+"""Hugging Face DeepSeek-V2/V3 tensor names → llama.cpp GGUF tensor names, and the tensor surgery between them.
 
 Names come from `gguf.get_tensor_name_map(MODEL_ARCH.DEEPSEEK2, n_layers)`. Two tensors are reshaped the way
 llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model.modify_tensors) does:

@@ -120,7 +120,7 @@ def load(
     cache_dtype: torch.dtype | None = None,
     **options: Any,
 ) -> Model:
-    """Load a DeepSeek-V2 GGUF (ours or llama.cpp's, split k_b/v_b or legacy kv_b).
+    """Load a DeepSeek-V2/V3-family GGUF (ours or llama.cpp's, split k_b/v_b or legacy kv_b).
 
     device: "auto" | "cpu" | "cuda"; dtype: compute dtype (default bf16 on CUDA, float32 on CPU);
     cache_dtype: latent cache dtype (same defaults); options go to `offload.build_experts`

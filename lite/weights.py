@@ -62,7 +62,7 @@ class _Reader:
     def ref(self, name: str, shape: tuple[int, ...] | None = None) -> TensorRef:
         ref = self.tensors.get(name)
         if ref is None:
-            raise LiteError(f"the GGUF lacks tensor {name!r}; the file is incomplete or not a DeepSeek-V2 model")
+            raise LiteError(f"the GGUF lacks tensor {name!r}; the file is incomplete or not a deepseek2 model")
         if shape is not None and tuple(ref.shape) != tuple(shape):
             raise LiteError(f"tensor {name!r} has shape {tuple(ref.shape)}, the metadata implies {tuple(shape)}")
         return ref
