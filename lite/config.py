@@ -177,7 +177,7 @@ class ModelArgs:
             qk_head, v_head = get(A.KEY_LENGTH_MLA), get(A.VALUE_LENGTH_MLA)
         else:  # older layout: per-head key/value lengths
             qk_head, v_head = get(A.KEY_LENGTH), get(A.VALUE_LENGTH)
-        n_group, topk_group = get(K.EXPERT_GROUP_COUNT, 1), get(K.EXPERT_GROUP_USED_COUNT, 1)
+        n_group, topk_group = get(K.EXPERT_GROUP_COUNT, 1) or 1, get(K.EXPERT_GROUP_USED_COUNT, 1) or 1
         gating = get(K.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))  # absent: V2 (as llama.cpp)
         if gating not in GATING_FUNCS:
             raise LiteError(
@@ -230,10 +230,10 @@ class ModelArgs:
 
 def _check_groups(args: ModelArgs, where: str) -> None:
     """Group-limited routing splits the experts into n_group equal groups and keeps topk_group of them."""
-    if args.n_group < 1 or args.n_routed_experts % args.n_group or not 1 <= args.topk_group <= args.n_group:
+    if args.n_routed_experts % args.n_group or (args.n_group > 1 and args.topk_group < 1):
         raise LiteError(
             f"{where} routes {args.n_routed_experts} experts in {args.n_group} groups keeping {args.topk_group}; "
-            "the experts must split evenly and 1 <= topk_group <= n_group"
+            "the experts must split evenly into the groups and at least one group be kept"
         )
 
 

@@ -83,7 +83,7 @@ def test_bad_router_configs():
         ModelArgs.from_hf(dict(V3_HUB, scoring_func="sqrtsoftplus"))
     with pytest.raises(LiteError, match="topk_method 'aux'"):
         ModelArgs.from_hf(dict(V3_HUB, topk_method="aux"))
-    with pytest.raises(LiteError, match="split evenly"):
+    with pytest.raises(LiteError, match="split evenly into the groups"):
         ModelArgs.from_hf(dict(V3_HUB, n_group=7))
 
 

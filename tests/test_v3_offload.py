@@ -48,3 +48,22 @@ def test_cuda_parity(hf_v3, tmp_path):
     assert_parity(ours, ref)
     bf16 = lite.load(str(tmp_path / "m.gguf"), device="cuda").logits(TOKENS)
     assert float(torch.nn.functional.cosine_similarity(bf16, ref, dim=-1).mean()) >= 0.98
+
+
+def test_device_path_runs_v3(tmp_path, monkeypatch):
+    """The GPU code path (Triton kernels, interpreted on CPU tensors; tests/test_device_path.py) on the V3-like
+    model, experts on a 1-slot RAM-tier cache: the CPU path's float32 logits."""
+    pytest.importorskip("triton", reason="the device kernels are written in Triton")
+    import test_device_path as device_path
+    from tiny_models import make_checkpoint
+
+    hf = make_checkpoint(tmp_path / "hf", "v3", seed=3)
+    convert(hf, tmp_path / "q4.gguf")
+    # its first MoE layer is layer 2 (two dense layers lead), so the script checks the last layer's layouts
+    monkeypatch.setattr(device_path, "SCRIPT", device_path.SCRIPT.replace("layers[1]", "layers[-1]"))
+    pre, dec = device_path.cpu_logits(tmp_path / "q4.gguf", monkeypatch)
+    got = device_path.device_path_logits(tmp_path / "q4.gguf", tmp_path / "out.pt", device_path.CONFIGS["cached"])
+    for a, b in ((got["pre"], pre), (got["dec"], dec)):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert got["stats"]["misses"] > 0 and got["stats"]["prefetches_issued"] > 0
