@@ -1,4 +1,4 @@
-"""`lite convert HF_DIR -o OUT.gguf`: a Hugging Face DeepSeek-V2 checkpoint to GGUF, with a progress bar."""
+"""`lite convert HF_DIR -o OUT.gguf`: a Hugging Face DeepSeek-V2/V3-family checkpoint to GGUF, with a progress bar."""
 
 from __future__ import annotations
 

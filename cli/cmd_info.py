@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     d = describe(args.file, full=args.full)
     console = Console(highlight=False, soft_wrap=True)
     console.print(f"[bold]{d['path']}[/]  {decimal(d['file_bytes'])}, architecture {d['architecture']}")
+    console.print(f"family {d['family']}" + (f"; router {d['router']}" if d["router"] else ""))
 
     meta = Table(title="metadata", show_header=True, box=None, title_justify="left")
     meta.add_column("key", style="cyan", no_wrap=True)

@@ -227,9 +227,10 @@ def human_bytes(n: float) -> str:
 
 
 def model_summary(path: Path) -> dict[str, Any]:
-    """Name, dominant expert quant type, bits per weight (experts and overall) from the GGUF's tensor table."""
+    """Name, family, dominant expert quant type, bits per weight (experts and overall) from the GGUF's tensor table."""
     from collections import Counter
 
+    from lite.info import family
     from quant.gguf_file import GGUFFile
 
     f = GGUFFile(str(path))
@@ -243,6 +244,7 @@ def model_summary(path: Path) -> dict[str, Any]:
             ebits, enumel = ebits + 8 * t.nbytes, enumel + n
     return {
         "name": str(f.metadata.get("general.name") or path.stem),
+        "family": family(f.metadata),
         "expert_quant": "+".join(q for q, _ in expert_types.most_common()) or "none",
         "expert_bpw": ebits / enumel if enumel else None,
         "bpw": bits / numel if numel else None,
@@ -273,4 +275,5 @@ def header_line(path: Path, model: Any, ctx: int) -> str:
     s = model_summary(path)
     bpw = f" ({s['expert_bpw']:.2f} bits/weight)" if s["expert_bpw"] else ""
     overall = f", {s['bpw']:.2f} bpw overall" if s["bpw"] else ""
-    return f"{s['name']} · experts {s['expert_quant']}{bpw}{overall} · ctx {ctx} · {experts_where(model)}"
+    name = s["name"] if s["family"] in s["name"] else f"{s['name']} · {s['family']}"
+    return f"{name} · experts {s['expert_quant']}{bpw}{overall} · ctx {ctx} · {experts_where(model)}"

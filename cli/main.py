@@ -17,7 +17,7 @@ import traceback
 COMMANDS = {
     "chat": "Chat with a model in the terminal",
     "run": "Generate once from a prompt and stream to stdout",
-    "convert": "Convert a Hugging Face DeepSeek-V2 checkpoint to GGUF",
+    "convert": "Convert a Hugging Face DeepSeek-V2/V3-family checkpoint (bf16 or fp8) to GGUF",
     "info": "Show a GGUF file's metadata, tensor types and sizes",
     "plan": "Plan where weights go for given memory budgets (reads metadata only)",
     "bench": "Measure prompt and decode speed and expert-cache statistics",
@@ -37,7 +37,7 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lite", description="Chat with DeepSeek-V2-class MoE models on one GPU.")
+    parser = argparse.ArgumentParser(prog="lite", description="Chat with DeepSeek-V2/V3-class MoE models on one GPU.")
     parser.add_argument("--version", action="version", version=f"lite {version()}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
     debug = argparse.ArgumentParser(add_help=False)  # --debug also after the subcommand (default: keep lite's)

@@ -1,4 +1,4 @@
-"""lite: chat with DeepSeek-V2-class MoE models on one consumer GPU."""
+"""lite: chat with DeepSeek-V2/V3-class MoE models on one consumer GPU."""
 
 from __future__ import annotations
 

@@ -19,6 +19,15 @@ from lite.errors import LiteError
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2]  # "deepseek2"
 
 
+# deepseek2.expert_gating_func (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE) -> config.json's scoring_func
+GATING_FUNCS = {int(gguf.ExpertGatingFuncType.SOFTMAX): "softmax", int(gguf.ExpertGatingFuncType.SIGMOID): "sigmoid"}
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+def _is_v3(cfg: dict[str, Any]) -> bool:
+    return "DeepseekV3ForCausalLM" in (cfg.get("architectures") or []) or cfg.get("model_type") == "deepseek_v3"
+
+
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction 0.1·mscale·ln(scale) + 1 (1 when not scaling)."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -41,7 +50,8 @@ class ModelArgs:
     num_experts_per_tok: int
     n_shared_experts: int
     first_k_dense_replace: int
-    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy"
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" (V2) | "noaux_tc" (V3: groups by top-2 sum)
+    scoring_func: str = "softmax"  # the gate: "softmax" (V2) | "sigmoid" (V3, plus a selection-only bias)
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = False
@@ -98,6 +108,7 @@ class ModelArgs:
             rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
             theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
             n_experts = cfg.get("n_routed_experts") or 0
+            v3 = _is_v3(cfg)  # transformers' DeepseekV3 always routes by sigmoid + noaux_tc
             args = cls(
                 vocab_size=cfg["vocab_size"],
                 hidden_size=cfg["hidden_size"],
@@ -116,7 +127,8 @@ class ModelArgs:
                 first_k_dense_replace=cfg.get("first_k_dense_replace")
                 if cfg.get("first_k_dense_replace") is not None
                 else (0 if n_experts else cfg["num_hidden_layers"]),
-                topk_method=cfg.get("topk_method") or "greedy",
+                topk_method=cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy"),
+                scoring_func=cfg.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
                 n_group=cfg.get("n_group") or 1,
                 topk_group=cfg.get("topk_group") or 1,
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
@@ -127,11 +139,12 @@ class ModelArgs:
                 rope_type="yarn" if rope_type == "yarn" else "default",
             )
         except KeyError as e:
-            raise LiteError(f"config.json lacks {e.args[0]!r}; is this a DeepSeek-V2 checkpoint?") from None
-        if args.topk_method not in ("greedy", "group_limited_greedy"):
-            raise LiteError(f"topk_method {args.topk_method!r} is not supported; use a DeepSeek-V2 checkpoint")
-        if cfg.get("scoring_func", "softmax") != "softmax":
-            raise LiteError(f"scoring_func {cfg['scoring_func']!r} is not supported (DeepSeek-V2 uses softmax)")
+            raise LiteError(f"config.json lacks {e.args[0]!r}; is this a DeepSeek-V2/V3 checkpoint?") from None
+        if args.topk_method not in TOPK_METHODS:
+            raise LiteError(f"topk_method {args.topk_method!r} is not supported; lite knows {', '.join(TOPK_METHODS)}")
+        if args.scoring_func not in GATING_FUNCS.values():
+            raise LiteError(f"scoring_func {args.scoring_func!r} is not supported; lite knows softmax, sigmoid")
+        _check_groups(args, "config.json")
         if args.rope_type == "yarn":
             args.rope_factor = float(rope["factor"])
             args.rope_original_max_position_embeddings = rope["original_max_position_embeddings"]
@@ -148,7 +161,7 @@ class ModelArgs:
         """From `deepseek2.*` GGUF metadata, current layout (head_count_kv=1, key_length=576, *_mla keys) or older."""
         arch = meta.get("general.architecture", ARCH)
         if arch != ARCH:
-            raise LiteError(f"the GGUF architecture is {arch!r}, not {ARCH!r}; lite runs DeepSeek-V2 models only")
+            raise LiteError(f"the GGUF architecture is {arch!r}, not {ARCH!r}; lite runs DeepSeek-V2/V3 models only")
 
         def get(key: str, default: Any = KeyError) -> Any:
             value = meta.get(key.format(arch=ARCH), default)
@@ -164,10 +177,14 @@ class ModelArgs:
             qk_head, v_head = get(A.KEY_LENGTH_MLA), get(A.VALUE_LENGTH_MLA)
         else:  # older layout: per-head key/value lengths
             qk_head, v_head = get(A.KEY_LENGTH), get(A.VALUE_LENGTH)
-        n_group, topk_group = get(K.EXPERT_GROUP_COUNT, 1), get(K.EXPERT_GROUP_USED_COUNT, 1)
-        gating = get(K.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))
-        if gating != gguf.ExpertGatingFuncType.SOFTMAX:
-            raise LiteError("this GGUF uses a sigmoid expert gate (DeepSeek-V3); lite supports DeepSeek-V2 only")
+        n_group, topk_group = get(K.EXPERT_GROUP_COUNT, 1) or 1, get(K.EXPERT_GROUP_USED_COUNT, 1) or 1
+        gating = get(K.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SOFTMAX))  # absent: V2 (as llama.cpp)
+        if isinstance(gating, bool) or not isinstance(gating, int) or gating not in GATING_FUNCS:
+            raise LiteError(
+                f"unknown router variant: {K.EXPERT_GATING_FUNC.format(arch=ARCH)} = {gating!r}; lite knows "
+                "1 (softmax, DeepSeek-V2) and 2 (sigmoid, DeepSeek-V3/R1, Moonlight, Kimi-K2)"
+            )
+        scoring = GATING_FUNCS[gating]
         try:  # arithmetic on a value of the wrong type (a string where a number belongs)
             n_experts = get(K.EXPERT_COUNT, 0)
             token_embd = meta.get("tokenizer.ggml.tokens")
@@ -187,7 +204,11 @@ class ModelArgs:
                 num_experts_per_tok=get(K.EXPERT_USED_COUNT, 0),
                 n_shared_experts=get(K.EXPERT_SHARED_COUNT, 0),
                 first_k_dense_replace=get(K.LEADING_DENSE_BLOCK_COUNT, 0),
-                topk_method="group_limited_greedy" if n_group > 1 else "greedy",
+                # GGUF has no topk_method: V2's groups rank by their best expert, V3's by their top-2 sum
+                topk_method="noaux_tc"
+                if scoring == "sigmoid"
+                else ("group_limited_greedy" if n_group > 1 else "greedy"),
+                scoring_func=scoring,
                 n_group=n_group,
                 topk_group=topk_group,
                 norm_topk_prob=bool(get(K.EXPERT_WEIGHTS_NORM, False)),
@@ -198,7 +219,8 @@ class ModelArgs:
             )
         except (TypeError, ValueError) as e:
             raise LiteError(f"GGUF metadata holds a value of the wrong type ({e}); the file is corrupt") from None
-        _check_gguf_args(args, meta)
+        _check_gguf_args(args, meta)  # types and ranges first: the group check does arithmetic on them
+        _check_groups(args, "the GGUF")
         if get(R.SCALING_TYPE, "none") == "yarn":
             args.rope_type = "yarn"
             args.rope_factor = get(R.SCALING_FACTOR)
@@ -262,6 +284,15 @@ def check_tensor_layers(args: ModelArgs, names: Any) -> None:
         )
 
 
+def _check_groups(args: ModelArgs, where: str) -> None:
+    """Group-limited routing splits the experts into n_group equal groups and keeps topk_group of them."""
+    if args.n_routed_experts % args.n_group or (args.n_group > 1 and args.topk_group < 1):
+        raise LiteError(
+            f"{where} routes {args.n_routed_experts} experts in {args.n_group} groups keeping {args.topk_group}; "
+            "the experts must split evenly into the groups and at least one group be kept"
+        )
+
+
 def _f32(x: float) -> float:
     """The shortest decimal that a float32 value round-trips to (1e-06, not 9.99999997e-07)."""
     return float(str(np.float32(x)))
@@ -300,7 +331,7 @@ def gguf_metadata_from_hf(cfg: dict[str, Any]) -> dict[str, Any]:
         out[K.EXPERT_GROUP_COUNT] = args.n_group
     if cfg.get("topk_group") is not None:
         out[K.EXPERT_GROUP_USED_COUNT] = args.topk_group
-    out[K.EXPERT_GATING_FUNC] = int(gguf.ExpertGatingFuncType.SOFTMAX)
+    out[K.EXPERT_GATING_FUNC] = next(k for k, v in GATING_FUNCS.items() if v == args.scoring_func)
     out[K.LEADING_DENSE_BLOCK_COUNT] = args.first_k_dense_replace
     out[K.VOCAB_SIZE] = args.vocab_size
     if args.q_lora_rank is not None:

@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V2 checkpoint → GGUF, streaming.
+"""Hugging Face DeepSeek-V2 / V3-family checkpoint → GGUF, streaming (FP8 weights dequantized with their block scales).
 
 Weights are read through memory-mapped safetensors one slice at a time (one expert, or a block of rows of a
 large matrix), quantized and appended to the output, so peak memory stays at one slice plus a constant
@@ -21,12 +21,14 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
 
+from lite import fp8
 from lite.config import ARCH, add_metadata, gguf_metadata_from_hf
 from lite.convert_plan import Checkpoint, PlannedTensor, file_type, open_checkpoint, plan, resolve_types
 from lite.errors import LiteError
@@ -191,6 +193,13 @@ def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, ftype: gguf.LlamaFi
         meta.pop(k.KEY_LENGTH_MLA.format(arch=ARCH), None)
         meta.pop(k.VALUE_LENGTH_MLA.format(arch=ARCH), None)
         notes.append("legacy layout: a single attn_kv_b per layer")
+    if ckpt.mtp_layers:
+        notes.append(
+            f"skipped {ckpt.mtp_layers} multi-token-prediction layer(s) (num_nextn_predict_layers), as llama.cpp does"
+        )
+    if ckpt.scales:
+        b = ckpt.fp8_block
+        notes.append(f"{len(ckpt.scales)} fp8 weights dequantized exactly with their {b[0]}x{b[1]} block scales")
     q_lora = gguf.Keys.Attention.Q_LORA_RANK.format(arch=ARCH)
     if ckpt.args.q_lora_rank is None:
         # llama.cpp skips reading q_lora_rank only for 26- or 27-layer models (the real V2-Lite) and fails on
@@ -279,37 +288,48 @@ def _slices(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[tuple[np.ndarray, in
     """The tensor's float32 data in row order, in slices of at most about CHUNK_ELEMENTS, with input bytes each.
 
     Each shard is opened (memory-mapped) for this tensor only, so pages read stay mapped one tensor at most.
+    FP8 weights are dequantized slice by slice with the matching rows of their block scales.
     """
     kind, sources = t.src.kind, t.src.sources
     with ExitStack() as stack:
-        files = {s: stack.enter_context(safe_open(str(s), framework="pt")) for s in set(t.shards)}
-        source = dict(zip(sources, (files[s] for s in t.shards)))
+        files: dict[Path, Any] = {}
+
+        def read(name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+            """Rows [r0, r1) of a source (all of it for None), dequantized if it is fp8."""
+            shard = ckpt.shard_of[name]
+            if shard not in files:
+                files[shard] = stack.enter_context(safe_open(str(shard), framework="pt"))
+            sl = files[shard].get_slice(name)
+            x = sl[:] if rows is None else sl[rows[0] : rows[1]]
+            scale = ckpt.scales.get(name)
+            if scale is not None:
+                x = fp8.dequantize(x, read(scale), ckpt.fp8_block, 0 if rows is None else rows[0])
+            return x
+
         share = t.in_bytes // max(1, len(sources))
         if kind == "stack":  # one expert at a time: [out, in] each, stacked along the first axis
             for s in sources:
-                yield _finite(source[s].get_tensor(s), s), share
+                yield _finite(read(s), s), share
         elif kind in ("k_b", "v_b"):  # small: split the whole kv_b
             s = sources[0]
-            yield _finite(build_tensor(t.src, [source[s].get_tensor(s)], ckpt.args), s), t.in_bytes
+            yield _finite(build_tensor(t.src, [read(s)], ckpt.args), s), t.in_bytes
         elif kind in ("fused_gate", "fused_up"):  # transformers-5 fused [n_expert, 2·inter, hidden]
             s = sources[0]
-            sl = source[s].get_slice(s)
             n_exp = t.shape[0]
             for e in range(n_exp):
-                gate, up = sl[e : e + 1][0].chunk(2, dim=0)
+                gate, up = read(s, (e, e + 1))[0].chunk(2, dim=0)
                 yield _finite(gate if kind == "fused_gate" else up, s), t.in_bytes // (2 * n_exp)
         elif kind == "copy":
             s = sources[0]
-            sl = source[s].get_slice(s)
             shape = t.shape
             if len(shape) <= 1:
-                yield _finite(sl[:], s), t.in_bytes
+                yield _finite(read(s), s), t.in_bytes
                 return
             row = int(np.prod(shape[1:]))
             step = max(1, CHUNK_ELEMENTS // row)
             for r in range(0, shape[0], step):
                 n = min(step, shape[0] - r)
-                yield _finite(sl[r : r + n], s), t.in_bytes * n // shape[0]
+                yield _finite(read(s, (r, r + n)), s), t.in_bytes * n // shape[0]
         else:
             raise ValueError(f"unknown tensor kind {kind!r}")
 

@@ -7,6 +7,7 @@ instant even for a large model. `lite/convert.py` streams the weights through th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ from typing import Any
 import gguf
 from safetensors import SafetensorError, safe_open
 
+from lite import fp8
 from lite.config import ModelArgs
 from lite.errors import LiteError
 from lite.gguf_names import TensorPlan, plan_tensors
 from quant.formats import can_quantize, nbytes
 
 Q = gguf.GGMLQuantizationType
-SUPPORTED_ARCHS = ("DeepseekV2ForCausalLM",)
+SUPPORTED_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # V3: also R1, Moonlight, Kimi-K2
 EXPERT_TYPES = {"q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
 REST_TYPES = {"q8_0": Q.Q8_0, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
 OUTTYPES = ("f32", "bf16", "f16", "q8_0")  # one type for every weight (norms and router stay F32)
@@ -35,7 +37,9 @@ FILE_TYPES = {
     Q.F16: gguf.LlamaFileType.MOSTLY_F16,
     Q.F32: gguf.LlamaFileType.ALL_F32,
 }
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES |= {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass
@@ -80,6 +84,9 @@ class Checkpoint:
     dtypes: dict[str, str]
     shard_of: dict[str, Path]
     shard_files: list[Path] = field(default_factory=list)
+    scales: dict[str, str] = field(default_factory=dict)  # FP8 weight → its weight_scale_inv (lite/fp8.py)
+    fp8_block: tuple[int, int] = fp8.DEFAULT_BLOCK
+    mtp_layers: int = 0  # multi-token-prediction layers (index ≥ num_hidden_layers): skipped, as llama.cpp does
 
     @property
     def input_bytes(self) -> int:
@@ -103,10 +110,11 @@ def open_checkpoint(hf_dir: str | Path) -> Checkpoint:
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     if not any(a in SUPPORTED_ARCHS for a in archs):
         raise LiteError(
-            f"unsupported architecture {archs[0]!r} in {cfg_path}; lite converts DeepSeek-V2 / V2-Lite "
-            f"({', '.join(SUPPORTED_ARCHS)}) only"
+            f"unsupported architecture {archs[0]!r} in {cfg_path}; lite converts DeepSeek-V2/V2-Lite and the V3 "
+            f"family: V3/R1, Moonlight, Kimi-K2 ({', '.join(SUPPORTED_ARCHS)}) only"
         )
     args = ModelArgs.from_hf(config)
+    block = fp8.block_size(config)
     shard_files = _shard_files(path)
     shapes, dtypes, shard_of = {}, {}, {}
     for shard in shard_files:
@@ -122,7 +130,33 @@ def open_checkpoint(hf_dir: str | Path) -> Checkpoint:
         for name, shard in json.loads(index.read_text()).get("weight_map", {}).items():
             if name not in shard_of:
                 raise LiteError(f"{shard} lacks {name}, which {index.name} lists; the shard is damaged: re-download it")
-    return Checkpoint(path, config, args, shapes, dtypes, shard_of, shard_files)
+    scales = _fp8_scales(shapes, dtypes, block or fp8.DEFAULT_BLOCK)
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+    mtp = len([i for i in layers if i >= args.num_hidden_layers])  # num_nextn_predict_layers of them, normally
+    block = block or fp8.DEFAULT_BLOCK
+    return Checkpoint(path, config, args, shapes, dtypes, shard_of, shard_files, scales, block, mtp)
+
+
+def _fp8_scales(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], block: tuple[int, int]) -> dict[str, str]:
+    """{FP8 weight: its weight_scale_inv}, each scale checked against its weight's shape."""
+    scales = {}
+    for name, dtype in dtypes.items():
+        if name.endswith(fp8.SCALE_SUFFIX):
+            weight = name[: -len(fp8.SCALE_SUFFIX)]
+            if dtypes.get(weight) not in fp8.FP8_DTYPES:
+                raise LiteError(f"{name} scales {weight}, which is not an fp8 weight; the checkpoint is inconsistent")
+        elif dtype in fp8.FP8_DTYPES:
+            scale = fp8.scale_name(name)
+            if scale not in shapes:
+                raise LiteError(f"{name} is {dtype} but the checkpoint lacks its block scales {scale}; re-download it")
+            want = fp8.scale_shape(shapes[name], block) if len(shapes[name]) == 2 else None
+            if shapes[scale] != want:
+                raise LiteError(
+                    f"{scale} has shape {list(shapes[scale])}, but a {block[0]}x{block[1]}-block fp8 weight of shape "
+                    f"{list(shapes[name])} needs {list(want) if want else 'a 2-D weight'}"
+                )
+            scales[name] = scale
+    return scales
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -170,6 +204,7 @@ def expected_shape(name: str, args: ModelArgs) -> tuple[int, ...] | None:
         "ffn_up": (a.intermediate_size, d),
         "ffn_down": (d, a.intermediate_size),
         "ffn_gate_inp": (n_exp, d),
+        "exp_probs_b": (n_exp,),
         "ffn_gate_exps": (n_exp, moe, d),
         "ffn_up_exps": (n_exp, moe, d),
         "ffn_down_exps": (n_exp, d, moe),
@@ -277,6 +312,8 @@ def _required_names(args: ModelArgs, legacy_kv_b: bool, tied: bool) -> list[str]
         else:
             ffn = ["ffn_gate", "ffn_up", "ffn_down"]
         names += [f"blk.{i}.{n}.weight" for n in attn + ffn]
+        if args.is_moe_layer(i) and args.topk_method == "noaux_tc":  # V3 routing needs its correction bias
+            names.append(f"blk.{i}.exp_probs_b.bias")
     return names
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V2 tensor names → llama.cpp GGUF tensor names, and the tensor surgery between them.
+"""Hugging Face DeepSeek-V2/V3 tensor names → llama.cpp GGUF tensor names, and the tensor surgery between them.
 
 Names come from `gguf.get_tensor_name_map(MODEL_ARCH.DEEPSEEK2, n_layers)`. Two tensors are reshaped the way
 llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model.modify_tensors) does:
@@ -6,6 +6,8 @@ llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model.modify_tensors) does:
 - `kv_b_proj` (n_head·(nope+v), kv_lora) is split per head into
   `attn_k_b` (n_head, kv_lora, nope) — transposed, so the query can absorb it — and `attn_v_b` (n_head, v, kv_lora).
 Legacy files keep the single `attn_kv_b` (n_head·(nope+v), kv_lora); `split_kv_b` turns it into the pair.
+DeepSeek-V3's `mlp.gate.e_score_correction_bias` (n_expert) becomes `blk.N.exp_probs_b.bias`; FP8 checkpoints'
+`*.weight_scale_inv` belong to their weight (`lite/fp8.py`) and make no tensor of their own.
 
 The converter streams with `plan_tensors` (which HF tensors make each GGUF tensor) and `build_tensor`.
 """
@@ -20,11 +22,13 @@ import torch
 
 from lite.config import ModelArgs
 from lite.errors import LiteError
+from lite.fp8 import SCALE_SUFFIX
 
 EXPERT_PROJS = ("gate", "up", "down")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")  # transformers-5 in-memory
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+ROUTER_BIAS = "e_score_correction_bias"  # llama.cpp renames it "e_score_correction.bias" → blk.N.exp_probs_b.bias
 
 
 def expert_stack_name(layer: int, proj: str) -> str:
@@ -67,7 +71,8 @@ def plan_tensors(
 ) -> list[TensorPlan]:
     """The GGUF tensors made from an HF checkpoint with these tensor shapes, in output order.
 
-    Skips MTP layers (index ≥ num_hidden_layers), rotary buffers, and lm_head when tied to the embeddings.
+    Skips MTP layers (index ≥ num_hidden_layers), rotary buffers, FP8 scales (read with their weight), and lm_head
+    when tied to the embeddings.
     Raises LiteError for a tensor llama.cpp has no name for, or a layer missing some of its experts.
     """
     n_layers = args.num_hidden_layers
@@ -78,8 +83,8 @@ def plan_tensors(
         shape = tuple(shape)
         m = _LAYER.match(name)
         layer = int(m.group(1)) if m else -1
-        if layer >= n_layers or name.endswith("rotary_emb.inv_freq"):
-            continue  # MTP layers and rotary buffers: llama.cpp skips them too
+        if layer >= n_layers or name.endswith(("rotary_emb.inv_freq", SCALE_SUFFIX)):
+            continue  # MTP layers and rotary buffers: llama.cpp skips them too; FP8 scales go with their weight
         order = (layer + 1 if layer >= 0 else (0 if "embed" in name else n_layers + 1), len(plans))
         if e := _EXPERT.match(name):
             experts.setdefault((int(e.group(1)), e.group(3)), {})[int(e.group(2))] = name
@@ -105,9 +110,9 @@ def plan_tensors(
             continue
         if name == "lm_head.weight" and tie_word_embeddings:
             continue
-        out = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        out = name_map.get_name(name.replace(ROUTER_BIAS, "e_score_correction.bias"), try_suffixes=(".weight", ".bias"))
         if out is None:
-            raise LiteError(f"tensor {name!r} has no llama.cpp name; is this a DeepSeek-V2 checkpoint?")
+            raise LiteError(f"tensor {name!r} has no llama.cpp name; is this a DeepSeek-V2/V3 checkpoint?")
         plans.append((order, TensorPlan(out, (name,), "copy", shape)))
     for (layer, proj), by_id in sorted(experts.items()):
         if len(by_id) != args.n_routed_experts:

@@ -28,7 +28,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class Model:
-    """A loaded DeepSeek-V2 model. See docs/DESIGN.md for the public contract."""
+    """A loaded DeepSeek-V2/V3-family model. See docs/DESIGN.md for the public contract."""
 
     def __init__(
         self,
@@ -53,11 +53,12 @@ class Model:
 
         def predict(layer: int, h: torch.Tensor, width: int) -> torch.Tensor:
             """That layer's ffn_norm + gate applied to an earlier residual h [T, hidden] -> the `width` likeliest
-            expert ids per token [T, width], likeliest first."""
+            expert ids per token [T, width], likeliest first: ranked exactly as the router selects (V3: the biased
+            sigmoid scores inside the kept groups)."""
             w = weights.layers[layer]
             if w.router is None:  # a dense layer routes nothing
                 return torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
-            scores = gate_scores(args, w.router, rms_norm(h, w.ffn_norm, args.rms_norm_eps))  # [T, E]
+            scores = gate_scores(args, w.router, rms_norm(h, w.ffn_norm, args.rms_norm_eps), w.router_bias)  # [T, E]
             return scores.topk(min(width, scores.shape[-1]), dim=-1).indices
 
         self.experts = offload.build_experts(stacks, predict, self.device, self.dtype, **options)
@@ -117,7 +118,7 @@ def load(
     cache_dtype: torch.dtype | None = None,
     **options: Any,
 ) -> Model:
-    """Load a DeepSeek-V2 GGUF (ours or llama.cpp's, split k_b/v_b or legacy kv_b).
+    """Load a DeepSeek-V2/V3-family GGUF (ours or llama.cpp's, split k_b/v_b or legacy kv_b).
 
     device: "auto" | "cpu" | "cuda"; dtype: compute dtype (default bf16 on CUDA, float32 on CPU);
     cache_dtype: latent cache dtype (same defaults); options go to `offload.build_experts`

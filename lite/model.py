@@ -1,4 +1,4 @@
-"""DeepSeek-V2: multi-head latent attention (MLA) over a latent cache, and DeepSeekMoE. Pure compute, no I/O.
+"""DeepSeek-V2/V3: multi-head latent attention (MLA) over a latent cache, and DeepSeekMoE. Pure compute, no I/O.
 
 Notation: T new tokens, S = start + T cached tokens, H heads, r = kv_lora_rank, n = qk_nope_head_dim,
 p = qk_rope_head_dim, v = v_head_dim, D = r + p (one latent cache row), E routed experts, k experts per token.
@@ -54,6 +54,7 @@ class LayerWeights:
     mlp: MLPWeights | None  # dense layers (the first first_k_dense_replace)
     router: torch.Tensor | None  # [E, hidden] float32, MoE layers
     shared: MLPWeights | None  # the shared experts as one MLP of width n_shared·moe_ff, MoE layers
+    router_bias: torch.Tensor | None = None  # [E] float32: V3's e_score_correction_bias (selection only)
 
 
 @dataclass
@@ -71,21 +72,49 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * weight
 
 
-def gate_scores(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The softmax gate of x [T, hidden] -> [T, E] float32, zero outside the groups group-limited routing keeps."""
-    scores = torch.softmax(x.float() @ router.T, dim=-1)  # [T, E], an fp32 gate
-    if args.topk_method == "group_limited_greedy" and args.n_group > 1:
-        # keep the topk_group groups with the best single expert, then pick top-k inside them
+def gate_probs(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gate of x [T, hidden] -> [T, E] float32: softmax (V2) or sigmoid (V3) of the fp32 router logits.
+    The routed experts' weights are taken from these."""
+    logits = x.float() @ router.T  # [T, E], an fp32 gate
+    return logits.sigmoid() if args.scoring_func == "sigmoid" else torch.softmax(logits, dim=-1)
+
+
+def select_scores(args: ModelArgs, probs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the router ranks experts by [T, E]: probs [T, E] plus the selection-only bias (V3's
+    e_score_correction_bias [E]), -inf outside the groups group-limited routing keeps.
+
+    Groups: V2's group_limited_greedy keeps the topk_group groups with the best single expert, V3's noaux_tc
+    those with the best sum of their top-2 experts (of the biased scores)."""
+    scores = probs if bias is None else probs + bias  # [T, E]
+    if args.n_group > 1 and args.topk_group < args.n_group and args.topk_method != "greedy":
         groups = scores.view(scores.shape[0], args.n_group, -1)  # [T, G, E/G]
-        best = groups.amax(dim=-1).topk(args.topk_group, dim=-1).indices  # [T, topk_group]
-        keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)  # [T, G]
-        scores = groups.masked_fill(~keep[..., None], 0.0).flatten(1)
+        if args.topk_method == "noaux_tc":
+            rank = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            rank = groups.amax(dim=-1)  # [T, G]
+        best = rank.topk(args.topk_group, dim=-1).indices  # [T, topk_group]
+        keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, best, True)  # [T, G]
+        scores = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
     return scores
 
 
-def route(args: ModelArgs, router: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing of x [T, hidden]: ids [T, k] int64 and weights [T, k] float32 (normalised, scaled)."""
-    weights, ids = gate_scores(args, router, x).topk(args.num_experts_per_tok, dim=-1)  # [T, k]
+def gate_scores(
+    args: ModelArgs, router: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The router's ranking of experts for x [T, hidden] -> [T, E] float32 (the top-k of it are selected)."""
+    return select_scores(args, gate_probs(args, router, x), bias)
+
+
+def route(
+    args: ModelArgs, router: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing of x [T, hidden]: ids [T, k] int64 and weights [T, k] float32 (normalised, scaled).
+
+    The ids are the top-k of `select_scores`; the weights are the unbiased gate values of those experts, divided by
+    their sum if `norm_topk_prob`, times `routed_scaling_factor` (DeepSeek's and llama.cpp's order)."""
+    probs = gate_probs(args, router, x)  # [T, E]
+    ids = select_scores(args, probs, bias).topk(args.num_experts_per_tok, dim=-1).indices  # [T, k]
+    weights = probs.gather(1, ids)  # [T, k]
     if args.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return ids, weights * args.routed_scaling_factor
@@ -155,7 +184,7 @@ class Transformer:
         w = self.weights.layers[layer]
         if w.mlp is not None:
             return w.mlp(x)
-        ids, weights = route(self.args, w.router, x)
+        ids, weights = route(self.args, w.router, x, w.router_bias)
         out = self.experts(layer, x, ids, weights)
         if w.shared is not None:
             out = out + w.shared(x)  # shared experts are added unweighted

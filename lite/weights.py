@@ -62,7 +62,7 @@ class _Reader:
     def ref(self, name: str, shape: tuple[int, ...] | None = None) -> TensorRef:
         ref = self.tensors.get(name)
         if ref is None:
-            raise LiteError(f"the GGUF lacks tensor {name!r}; the file is incomplete or not a DeepSeek-V2 model")
+            raise LiteError(f"the GGUF lacks tensor {name!r}; the file is incomplete or not a deepseek2 model")
         if shape is not None and tuple(ref.shape) != tuple(shape):
             raise LiteError(f"tensor {name!r} has shape {tuple(ref.shape)}, the metadata implies {tuple(shape)}")
         return ref
@@ -124,6 +124,8 @@ def load_weights(
             continue
         E, ff = args.n_routed_experts, args.moe_intermediate_size
         router = rd.dense(b + "ffn_gate_inp.weight", (E, d), dtype=torch.float32)
+        bias_name = b + "exp_probs_b.bias"  # V3's e_score_correction_bias: ranks experts, does not weight them
+        bias = rd.dense(bias_name, (E,), dtype=torch.float32) if bias_name in tensors else None
         shared = None
         if args.n_shared_experts:
             sff = ff * args.n_shared_experts
@@ -134,7 +136,7 @@ def load_weights(
             rd.ref(b + "ffn_up_exps.weight", (E, ff, d)),
             rd.ref(b + "ffn_down_exps.weight", (E, d, ff)),
         )
-        layers.append(LayerWeights(attn, ffn_norm, None, router, shared))
+        layers.append(LayerWeights(attn, ffn_norm, None, router, shared, bias))
     output_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"  # tied embeddings
     weights = Weights(
         embed=Embedding(rd.ref("token_embd.weight", (args.vocab_size, d)), device, dtype),
@@ -146,19 +148,30 @@ def load_weights(
 
 
 def tensors_from_hf(hf_dir, args: ModelArgs) -> dict[str, TensorRef]:
-    """An in-memory F32 tensor source from an HF checkpoint, through the converter's name mapping (tests)."""
+    """An in-memory F32 tensor source from an HF checkpoint, through the converter's name mapping (tests).
+    FP8 weights are dequantized with their block scales, as the converter does."""
+    import json
     from pathlib import Path
 
     from safetensors import safe_open
 
+    from lite import fp8
     from lite.gguf_names import build_tensor, plan_tensors
 
+    block = fp8.block_size(json.loads((Path(hf_dir) / "config.json").read_text())) or fp8.DEFAULT_BLOCK
     handles = [safe_open(str(f), "pt") for f in sorted(Path(hf_dir).glob("*.safetensors"))]
     where = {name: h for h in handles for name in h.keys()}
     shapes = {name: tuple(h.get_slice(name).get_shape()) for name, h in where.items()}
+
+    def read(name: str) -> torch.Tensor:
+        scale = fp8.scale_name(name)
+        if scale in where:
+            return fp8.dequantize(where[name].get_tensor(name), where[scale].get_tensor(scale), block)
+        return where[name].get_tensor(name).float()
+
     out = {}
     for plan in plan_tensors(shapes, args):
-        t = build_tensor(plan, [where[s].get_tensor(s).float() for s in plan.sources], args)
+        t = build_tensor(plan, [read(s) for s in plan.sources], args)
         raw = np.ascontiguousarray(t.numpy(), dtype=np.float32).reshape(-1).view(np.uint8)
         out[plan.name] = TensorRef(plan.name, gguf.GGMLQuantizationType.F32, tuple(t.shape), raw, 0)
     return out

@@ -33,6 +33,26 @@ def hf_lite(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("hf_lite_only"), "lite", seed=2)
 
 
+@pytest.fixture(scope="session", params=["v3", "moonlight", "kimi"])
+def hf_v3(request, tmp_path_factory) -> Path:
+    """A tiny random DeepseekV3ForCausalLM checkpoint: V3/R1-like, Moonlight-like, Kimi-K2-like."""
+    from tiny_models import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp(f"hf_{request.param}"), request.param, seed=3)
+
+
+@pytest.fixture(scope="session")
+def hf_fp8(tmp_path_factory) -> tuple[Path, Path]:
+    """(fp8 checkpoint, its exactly dequantized float32 twin): the V3-like config with e4m3 weights and 128x128
+    block scales, as DeepSeek-V3/R1 are released."""
+    from tiny_models import make_checkpoint, make_fp8_checkpoint
+
+    src = make_checkpoint(tmp_path_factory.mktemp("hf_v3_src"), "v3", seed=4)
+    fp8, ref = tmp_path_factory.mktemp("hf_fp8"), tmp_path_factory.mktemp("hf_fp8_ref")
+    make_fp8_checkpoint(src, fp8, ref)
+    return fp8, ref
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():

@@ -1,4 +1,4 @@
-"""Full-size DeepSeek-V2 / V2-Lite GGUF files that cost no disk: a real header, metadata and tensor infos, then the
+"""Full-size DeepSeek-V2 / V2-Lite / V3 GGUF files that cost no disk: a real header, metadata and tensor infos, then the
 file truncated to its full length (sparse: the tensor data reads as zeros and occupies no blocks).
 
 The tensor types follow the community Q4_K_M files (llama.cpp's `llama-quantize ... Q4_K_M` on a deepseek2 model).
@@ -10,7 +10,7 @@ real file byte for byte):
   use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2 (integer division, n = block_count), else Q4_K;
 - a K-quant on a row (GGUF ne0) that is not a multiple of 256 falls back: Q4_K -> Q5_0, Q6_K -> Q8_0
   (V2-Lite's `ffn_down_exps` rows of 1408 and dense `ffn_down` rows of 10944, every `attn_k_b` row of 128);
-- 1-D tensors (norms) and the routers `ffn_gate_inp` stay F32;
+- 1-D tensors (norms, V3's router bias `exp_probs_b.bias`) and the routers `ffn_gate_inp` stay F32;
 - attention in the split `attn_k_b` (n_head, kv_lora, nope) / `attn_v_b` (n_head, v, kv_lora) layout.
 Shapes are in torch order (rows first; an expert stack is (n_expert, out, in)); GGUF stores the dims reversed.
 """
@@ -90,7 +90,33 @@ LITE_CONFIG: dict[str, Any] = dict(
     norm_topk_prob=False,
     routed_scaling_factor=1.0,
 )
-CONFIGS = {"v2": V2_CONFIG, "lite": LITE_CONFIG}
+# deepseek-ai/DeepSeek-V3 (and R1) config.json: 671B, sigmoid router with a correction bias, noaux_tc groups
+V3_CONFIG: dict[str, Any] = dict(
+    COMMON,
+    architectures=["DeepseekV3ForCausalLM"],
+    vocab_size=129280,
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    num_hidden_layers=61,
+    num_attention_heads=128,
+    q_lora_rank=1536,
+    first_k_dense_replace=3,
+    n_routed_experts=256,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    topk_method="noaux_tc",
+    scoring_func="sigmoid",
+    n_group=8,
+    topk_group=4,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    rope_scaling=dict(YARN, mscale=1.0, mscale_all_dim=1.0),
+    bos_token_id=0,
+    eos_token_id=1,
+)
+CONFIGS = {"v2": V2_CONFIG, "lite": LITE_CONFIG, "v3": V3_CONFIG}
+NAMES = {"v2": "DeepSeek-V2-Chat", "lite": "DeepSeek-V2-Lite-Chat", "v3": "DeepSeek-V3"}
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}  # a K-quant on a row that is not a multiple of 256
 MOSTLY_Q4_K_M = 15  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_K_M (general.file_type)
 
@@ -144,8 +170,10 @@ def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
         if i < cfg["first_k_dense_replace"]:
             out += [(b + "ffn_gate.weight", (ff, d)), (b + "ffn_up.weight", (ff, d)), (b + "ffn_down.weight", (d, ff))]
             continue
+        out.append((b + "ffn_gate_inp.weight", (E, d)))
+        if cfg.get("scoring_func") == "sigmoid":
+            out.append((b + "exp_probs_b.bias", (E,)))
         out += [
-            (b + "ffn_gate_inp.weight", (E, d)),
             (b + "ffn_gate_exps.weight", (E, moe_ff, d)),
             (b + "ffn_up_exps.weight", (E, moe_ff, d)),
             (b + "ffn_down_exps.weight", (E, d, moe_ff)),
@@ -176,12 +204,13 @@ def tensor_types(cfg: dict[str, Any]) -> dict[str, tuple[Q, tuple[int, ...], int
 
 
 def write_full_size_gguf(path: os.PathLike[str] | str, model: str = "lite") -> Path:
-    """Write a sparse full-size Q4_K_M GGUF of `model` ("v2": DeepSeek-V2 236B, "lite": V2-Lite 16B) to `path`:
-    header, metadata and tensor infos are real; the data is a hole (zeros) of the right length."""
+    """Write a sparse full-size Q4_K_M GGUF of `model` ("v2": DeepSeek-V2 236B, "lite": V2-Lite 16B, "v3":
+    DeepSeek-V3 671B) to `path`: header, metadata and tensor infos are real; the data is a hole (zeros) of the
+    right length."""
     cfg = CONFIGS[model]
     path = Path(path)
     w = gguf.GGUFWriter(path, "deepseek2")
-    w.add_name({"v2": "DeepSeek-V2-Chat", "lite": "DeepSeek-V2-Lite-Chat"}[model])
+    w.add_name(NAMES[model])
     w.add_file_type(MOSTLY_Q4_K_M)
     add_metadata(w, gguf_metadata_from_hf(cfg))
     total = 0
