@@ -31,7 +31,8 @@ step() {  # step NAME SECONDS LOGFILE COMMAND...: run with a time limit, keep go
     fi
 }
 step cuda-tests 200 "$out/cuda_tests.txt" python3 -m pytest -q -p no:cacheprovider -rfE \
-    tests/test_offload_cuda.py tests/test_qmatrix.py tests/test_model.py tests/test_device_kernels.py -k cuda
+    tests/test_offload_cuda.py tests/test_qmatrix.py tests/test_model.py tests/test_device_kernels.py \
+    tests/test_v3_offload.py -k cuda
 step model-4 130 "$out/model_4.jsonl" python3 benchmarks/bench_gpu.py model --layers 4
 step kernels 60 "$out/kernels.jsonl" python3 benchmarks/bench_gpu.py kernels
 step model-27 170 "$out/model_27.jsonl" python3 benchmarks/bench_gpu.py model --layers 27
