@@ -5,7 +5,8 @@
                                                                # resident, and experts in RAM behind a 2.5 GiB cache
 
 `model` writes the file (community Q4_K_M types per tensor, as tests/full_size_gguf.py lays them out) with random
-valid blocks: random bytes with every f16 scale field set to 2^-10, so nothing overflows. It then measures decode
+valid blocks: random bytes (every block its own), every f16 scale 2^-10 and the offset terms set to centre the
+weights. It then measures decode
 tok/s, prefill tok/s of a 4K-token prompt, the effective hit rate, bytes_h2d, host syncs per decoded token (torch's
 sync debug mode counts them), peak VRAM and peak RSS. `--tiny` runs the same code on the tiny test shapes (on the
 CPU under TRITON_INTERPRET=1 + LITE_DEVICE_KERNELS=triton: a check that the script itself works).
@@ -30,23 +31,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 Q = gguf.GGMLQuantizationType
-# byte offsets of the f16 scale fields in one block of each type
-F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q5_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
-SCALE = np.float16(2.0**-10).view(np.uint16)
+# (byte offset, value) of the f16 fields in one block of each type: a scale of 2^-10, and for the types with an
+# offset (min) term a value that centres the weights on zero, as trained weights are (an uncentred random weight
+# adds one common direction to every token's hidden state, and the routing collapses onto a few experts)
+D = 2.0**-10
+F16_FIELDS = {
+    Q.Q8_0: ((0, D),), Q.Q4_0: ((0, D),), Q.Q5_0: ((0, D),), Q.Q6_K: ((208, D),),
+    Q.Q4_1: ((0, D), (2, -7.5 * D)),  # w = d q + m, q in 0..15
+    Q.Q4_K: ((0, D), (2, 7.5 * D)),  # w = d sc q - dmin m, sc and m random 6-bit: centred on average
+    Q.Q5_K: ((0, D), (2, 15.5 * D)),
+}  # fmt: skip
 
 
 def random_blocks(qtype: Q, nbytes: int, rng: np.random.Generator) -> np.ndarray:
-    """`nbytes` of valid `qtype` blocks: random bytes, f16 scales set to a small constant (a 4 MiB pattern, tiled)."""
+    """`nbytes` of valid `qtype` blocks: random bytes, f16 scales set to a small constant."""
     if qtype in (Q.F32, Q.F16, Q.BF16):
         n = nbytes // {Q.F32: 4, Q.F16: 2, Q.BF16: 2}[qtype]
         x = (rng.standard_normal(min(n, 1 << 20)) * 0.02).astype(np.float32)
         vals = {Q.F32: x, Q.F16: x.astype(np.float16), Q.BF16: (x.view(np.uint32) >> 16).astype(np.uint16)}[qtype]
         return np.resize(vals.view(np.uint8), nbytes)
     size = gguf.GGML_QUANT_SIZES[qtype][1]
-    blocks = rng.integers(0, 256, size=(min(nbytes // size, (4 << 20) // size), size), dtype=np.uint8)
-    for off in F16_FIELDS[qtype]:
-        blocks[:, off : off + 2] = np.frombuffer(SCALE.tobytes(), dtype=np.uint8)
-    return np.resize(blocks.reshape(-1), nbytes)
+    # every block its own random bytes: a tiled pattern makes experts repeat and the routing collapse onto a few
+    blocks = rng.integers(0, 256, size=(nbytes // size, size), dtype=np.uint8)
+    for off, value in F16_FIELDS[qtype]:
+        blocks[:, off : off + 2] = np.frombuffer(np.float16(value).tobytes(), dtype=np.uint8)
+    return blocks.reshape(-1)
 
 
 def write_random_gguf(path: Path, layers: int, tiny: bool = False) -> Path:
@@ -139,7 +148,9 @@ def bench_model(device: str, layers: int, cache: str, prompt: int, decode: int, 
         print(json.dumps({"wrote": path.name, "GB": round(path.stat().st_size / 1e9, 2),
                           "seconds": round(time.perf_counter() - t0, 1)}), flush=True)  # fmt: skip
         for label, opts in (("resident", {"experts_on": "device"}),
-                            ("ram+cache", {"experts_on": "ram", "expert_cache": cache})):  # fmt: skip
+                            ("ram+cache", {"experts_on": "ram", "expert_cache": cache}),
+                            ("ram+cache, prefetch fills every slot",
+                             {"experts_on": "ram", "expert_cache": cache, "prefetch_width": 64})):  # fmt: skip
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             model = lite.load(str(path), device=device, **opts)

@@ -16,7 +16,8 @@ Options (the same names as the CLI flags):
   planner count the dense weights and the latent cache too; `cache_scope`: "layer" (default: each layer has
   its own slots) or "global" (one LRU over all slots); `drop_page_cache`: make disk-tier reads bypass the OS
   page cache (for honest benchmarks); `async_prefetch` (default: on CUDA): predicted ids reach the host without
-  blocking the forward pass, and the worker thread issues the prefetch copies.
+  blocking the forward pass, and the worker thread issues the prefetch copies; `prefetch_width`: the likeliest
+  experts a prediction may bring into a layer (default 2 x top-k, at most the slots).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def build_experts(
     cache_scope: str = "layer",
     drop_page_cache: bool = False,
     async_prefetch: bool | None = None,
+    prefetch_width: int | None = None,
     **unknown: Any,
 ) -> ExpertBackend:
     """The expert backend for a model (see the module docstring for the options)."""
@@ -136,8 +138,13 @@ def build_experts(
         store: Any = RamStore(stacks)
     else:
         store = DiskStore(stacks, plan.ram_expert_bytes, drop_page_cache=drop_page_cache)
+    if prefetch_width is None and sizes.experts_per_token > 1:
+        # Fill at most 2 x top-k slots per prediction: on the demo, width 2k at 2k slots gave the best effective hit
+        # rate (benchmarks/README.md "Offload"); with many more slots, filling them all re-copies a layer's worth of
+        # experts per token (on a random V2-Lite-shaped model, 12 slots: ~72 MB per layer per token over PCIe).
+        prefetch_width = 2 * sizes.experts_per_token
     engine = ExpertEngine(store, slots_per_layer=plan.slots_per_layer, lookahead=lookahead, miss_policy=miss_policy,
-                          async_prefetch=async_prefetch, **common)  # fmt: skip
+                          async_prefetch=async_prefetch, prefetch_width=prefetch_width, **common)  # fmt: skip
     if isinstance(store, DiskStore):
         store.on_read = lambda layer, n: engine.stats_.add(layer, "bytes_disk", n)
     engine.plan, engine.stacks = plan, stacks

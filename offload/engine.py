@@ -62,6 +62,7 @@ class ExpertEngine:
         miss_policy: str = "fetch",
         preloaded: dict[Key, Raws] | None = None,
         async_prefetch: bool | None = None,
+        prefetch_width: int | None = None,
     ):
         self.store = store
         self.layers = sorted(layers)
@@ -74,6 +75,7 @@ class ExpertEngine:
         self.pooled = self.cuda or device_kernels_forced()
         self.lookahead = lookahead if predict is not None else 0
         self.async_prefetch = self.cuda if async_prefetch is None else async_prefetch
+        self.prefetch_width = prefetch_width  # experts a prediction may bring in per layer (None: every slot)
         self.lock = threading.RLock()  # the slot bookkeeping, shared with the worker's asynchronous prefetches
         self.pass_no, self.layer_now = 0, -1  # where the forward pass is (async prefetches arriving late drop)
         self._late_fills: list[tuple[Future, Key, int, Any]] = []
@@ -259,7 +261,7 @@ class ExpertEngine:
         blocks the host once per MoE layer (its routing), not twice."""
         if self.lookahead <= 0:
             return
-        width = min(self.slots_per_layer, self.n_experts)
+        width = min(self.prefetch_width or self.slots_per_layer, self.slots_per_layer, self.n_experts)
         targets = [t for t in self.layers if layer < t <= layer + self.lookahead]
         assert self.predict is not None  # lookahead > 0 needs a predictor
         preds = [(t, self.predict(t, h, width).reshape(-1)) for t in targets]
