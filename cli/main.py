@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "chat": "Chat with a model in the terminal",
     "run": "Generate once from a prompt and stream to stdout",
+    "serve": "Serve the model over an OpenAI-compatible HTTP API",
     "convert": "Convert a Hugging Face DeepSeek-V2 checkpoint to GGUF",
     "info": "Show a GGUF file's metadata, tensor types and sizes",
     "plan": "Plan where weights go for given memory budgets (reads metadata only)",
