@@ -163,45 +163,47 @@ def create_app(
             engine.cancel(job)
 
         try:
-            first = await job.events.get()
+            first = await job.next()
             if isinstance(first, ApiError):
                 raise first
             start = first if isinstance(first, Start) else Start(0, 0)
             if req.stream and not isinstance(first, Done):
                 return EventStream(stream(req, job, rid, stamp, start), close)
             done = first
-            text = []
             while not isinstance(done, Done):
-                done = await job.events.get()
+                done = await job.next()
                 if isinstance(done, ApiError):
                     raise done
-                if isinstance(done, Delta):
-                    text.append(done.text)
         except BaseException:
             close()
             raise
         close()
         use = usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
         finish = "stop" if done.finish == "cancelled" else done.finish
-        return JSONResponse(completion_record(req, rid, stamp, model_id, "".join(text), finish, use))
+        return JSONResponse(completion_record(req, rid, stamp, model_id, done.text, finish, use))
 
     async def stream(req: GenerationRequest, job: Job, rid: str, stamp: int, start: Start) -> AsyncIterator[bytes]:
         if req.kind == "chat":
             yield dumps(chunk_record(req, rid, stamp, model_id, text="", role=True))
         while True:
-            event = await job.events.get()
-            if isinstance(event, Delta):
-                yield dumps(chunk_record(req, rid, stamp, model_id, text=event.text))
-            elif isinstance(event, Done):
-                finish = "stop" if event.finish == "cancelled" else event.finish
-                yield dumps(chunk_record(req, rid, stamp, model_id, text=None if req.kind == "chat" else "",
-                                         finish=finish))  # fmt: skip
-                if req.include_usage:
-                    use = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                    yield dumps(chunk_record(req, rid, stamp, model_id, use=use))
-                break
-            elif isinstance(event, ApiError):
-                yield dumps(event.body())
+            out, end = [], False
+            for event in await job.batch():  # what the worker emitted since the last send, in one write
+                if isinstance(event, Delta):
+                    out.append(dumps(chunk_record(req, rid, stamp, model_id, text=event.text)))
+                elif isinstance(event, Done):
+                    finish = "stop" if event.finish == "cancelled" else event.finish
+                    text = None if req.kind == "chat" else ""
+                    out.append(dumps(chunk_record(req, rid, stamp, model_id, text=text, finish=finish)))
+                    if req.include_usage:
+                        use = usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+                        out.append(dumps(chunk_record(req, rid, stamp, model_id, use=use)))
+                    end = True
+                elif isinstance(event, ApiError):
+                    out.append(dumps(event.body()))
+                    end = True
+            if out:
+                yield b"".join(out)
+            if end:
                 break
         yield b"data: [DONE]\n\n"
 

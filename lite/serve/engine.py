@@ -62,20 +62,50 @@ class QueueFull(Exception):
 
 
 class Job:
-    """One request on its way through the worker. Created on the event loop that reads its events."""
+    """One request on its way through the worker. Created on the event loop that reads its events.
+
+    The worker `emit`s; the loop awaits `next()` (or `batch()`). One wake-up of the loop is pending at most:
+    events emitted while it is pending are picked up by the same wake-up, so a loop that falls behind catches up
+    in one step instead of one step per token.
+    """
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None):
         self.request = request
         self.loop = loop or asyncio.get_running_loop()
-        self.events: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = False
+        self._events: deque[Any] = deque()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
 
     def emit(self, event: Any) -> None:
         """From the worker thread: hand `event` to the job's event loop."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled = True
+        self._events.append(event)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                self.cancelled = True
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self._ready.set()
+
+    async def batch(self) -> list[Any]:
+        """Every event emitted so far and not yet taken (waits for at least one)."""
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
+    async def next(self) -> Any:
+        while not self._events:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
 
 
 class StopText:
@@ -324,12 +354,14 @@ class Engine:
             req.max_tokens or self.max_tokens, stats, should_stop=lambda: job.cancelled,
             prefill_chunk=self.prefill_chunk, t0=t0,
         )  # fmt: skip
+        stream = req.stream  # a whole response needs no event per token (each one wakes the event loop)
         try:
             for piece in pieces:
                 out, hit = stop_text.add(piece)
                 if out:
                     parts.append(out)
-                    job.emit(Delta(out))
+                    if stream:
+                        job.emit(Delta(out))
                 if hit:
                     finish = "stop"
                     break
@@ -339,7 +371,8 @@ class Engine:
             out = stop_text.flush()
             if out:
                 parts.append(out)
-                job.emit(Delta(out))
+                if stream:
+                    job.emit(Delta(out))
             finish = FINISH.get(stats.finish, "stop")
         done = Done(
             finish, len(prompt), cached, len(stats.token_ids), "".join(parts), stats.ttft, stats.gen_tps
