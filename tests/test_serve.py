@@ -37,9 +37,9 @@ class Server:
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=60, **kw)
 
-    def post(self, path: str, body=None, key: str | None = KEY, **kw) -> httpx.Response:
+    def post(self, path: str, body=None, key: str | None = KEY, timeout: float = 60, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=60, **kw)
+        return httpx.post(f"{self.url}{path}", json=body, headers=headers, timeout=timeout, **kw)
 
     def get(self, path: str, key: str | None = KEY) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60)
@@ -47,11 +47,15 @@ class Server:
     def stats(self) -> dict:
         return self.get("/stats").json()
 
-    def idle(self, timeout: float = 30) -> None:
-        end = time.monotonic() + timeout
-        while self.engine.busy() or self.engine.queue_length():
-            assert time.monotonic() < end, "the server stayed busy"
-            time.sleep(0.01)
+    def idle(self) -> None:
+        until(lambda: not self.engine.busy() and not self.engine.queue_length(), "the server stayed busy")
+
+
+def until(condition, what: str, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, what
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +77,8 @@ def server():
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    end = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < end and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
+    until(lambda: srv.started or not thread.is_alive(), "the server did not start", 60)
+    assert srv.started
     yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, srv)
     srv.should_exit = True
     thread.join(10)
@@ -265,6 +267,7 @@ def test_errors_have_openai_shape(server, monkeypatch):
     error(server.post("/v1/completions", {"prompt": ["a", "b"]}), 400, "prompt")
     error(server.post("/v1/completions", {"prompt": [99999]}), 400, "prompt")
     error(server.post("/v1/chat/completions", content=b"{not json", key=KEY), 400, code="invalid_json")
+    error(server.post("/v1/chat/completions", content=b"[" * 50_000, key=KEY), 400, code="invalid_json")
     long = {"messages": [{"role": "user", "content": "word " * 600}]}
     err = error(server.post("/v1/chat/completions", long), 400, "messages", "context_length_exceeded")
     assert "512" in err["message"]
@@ -280,23 +283,31 @@ def test_errors_have_openai_shape(server, monkeypatch):
     error(server.get("/v1/chat/completions"), 405)
     error(server.post("/v1/chat/completions", {**chat, "pad": "x" * MAX_BODY}), 413, code="request_too_large")
 
-    # a full queue: the worker held on a gate, one request waiting, the next refused with Retry-After
+    # a full queue: the worker held on a gate, one request waiting, the next refused with Retry-After; then the
+    # waiting client gives up (a 1 s timeout) and its request leaves the queue
     gate, process = threading.Event(), server.engine._process
     monkeypatch.setattr(server.engine, "_process", lambda job: (gate.wait(30), process(job)))
     monkeypatch.setattr(server.engine, "max_queue", 1)
-    held = [threading.Thread(target=server.post, args=("/v1/chat/completions", chat)) for _ in range(2)]
-    held[0].start()
-    while not server.engine.busy():
-        time.sleep(0.01)
-    held[1].start()
-    while server.engine.queue_length() < 1:
-        time.sleep(0.01)
+    cancelled = server.stats()["requests"]["cancelled"]
+
+    def impatient() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            server.post("/v1/chat/completions", {**chat, "stream": True}, timeout=1)
+
+    running = threading.Thread(target=server.post, args=("/v1/chat/completions", chat))
+    running.start()
+    until(server.engine.busy, "the first request did not start")
+    waiting = threading.Thread(target=impatient)
+    waiting.start()
+    until(server.engine.queue_length, "the second request did not queue")
     r = server.post("/v1/chat/completions", chat)
     error(r, 503, code="queue_full")
     assert int(r.headers["retry-after"]) >= 1
+    waiting.join(10)
+    until(lambda: not server.engine.queue_length(), "the abandoned request stayed in the queue")
+    assert server.stats()["requests"]["cancelled"] == cancelled + 1
     gate.set()
-    for t in held:
-        t.join(30)
+    running.join(30)
     monkeypatch.undo()
     assert server.get("/health").status_code == 200  # alive after all of it
 

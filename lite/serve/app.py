@@ -104,7 +104,7 @@ async def read_json(request: Request, max_body: int) -> Any:
             raise ApiError(413, f"the request body exceeds {max_body} bytes", code="request_too_large")
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 

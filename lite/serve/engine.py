@@ -220,6 +220,7 @@ class Engine:
             if job in self._waiting:
                 self._waiting.remove(job)
                 self.counters.cancelled += 1
+                job.emit(Done("cancelled"))  # its handler may still wait for an event
 
     def queue_length(self) -> int:
         return len(self._waiting)
