@@ -113,11 +113,12 @@ def bench_decode(a: argparse.Namespace) -> dict:
     return out
 
 
-def ttft_of_turn(s: Served, turns: int, interleave: bool) -> tuple[float, int, int]:
-    """Chat `turns` turns; (TTFT of the last, its prompt tokens, its cached tokens)."""
+def ttft_of_turn(s: Served, turns: int, interleave: bool, rep: int) -> tuple[float, int, int]:
+    """Chat `turns` turns (a conversation of its own for each `rep`); (TTFT of the last, its prompt tokens, its
+    cached tokens)."""
     msgs: list[dict] = []
     for turn in range(turns):
-        msgs.append({"role": "user", "content": USER_LINES[turn % len(USER_LINES)]})
+        msgs.append({"role": "user", "content": f"{rep}. {USER_LINES[turn % len(USER_LINES)]}"})
         if interleave:  # another client's conversation takes the working session
             other = [{"role": "user", "content": f"Another client, request {turn}: how fares the realm?"}]
             s.client.chat.completions.create(model="m", messages=other, max_tokens=4, seed=turn)
@@ -141,7 +142,7 @@ def bench_ttft(a: argparse.Namespace) -> dict:
         ("one_client", ("--cache-mem", "0"), False),
     ]:
         with Served(a.model, a.threads, "-c", "512", *flags) as s:
-            runs = [ttft_of_turn(s, a.turns, interleave) for _ in range(a.reps)]
+            runs = [ttft_of_turn(s, a.turns, interleave, rep) for rep in range(a.reps)]
         out[name] = {"ttft_ms": 1000 * median([r[0] for r in runs]), "prompt_tokens": runs[-1][1],
                      "cached_tokens": runs[-1][2]}  # fmt: skip
     return out

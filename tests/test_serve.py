@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -340,11 +341,17 @@ def test_stop_text_holds_back_a_possible_stop():
 
 
 def test_bind_warning_and_flags():
-    from cli.cmd_serve import bind_warning, cache_bytes
+    from cli.cmd_serve import bind, bind_warning, cache_bytes
+    from lite.errors import LiteError
 
     assert bind_warning("127.0.0.1", None) is None and bind_warning("::1", None) is None
     assert "--api-key" in bind_warning("0.0.0.0", None) and bind_warning("0.0.0.0", "k") is None
     assert cache_bytes("0") == 0 and cache_bytes("1MiB") == 1 << 20
+    sock = bind("127.0.0.1", 0)  # a TCP socket proper: asyncio sets TCP_NODELAY on its connections (no 40 ms stalls)
+    assert sock.proto == socket.IPPROTO_TCP
+    with pytest.raises(LiteError, match="choose another --port"):
+        bind("127.0.0.1", sock.getsockname()[1])
+    sock.close()
 
 
 def test_sigterm_shuts_down_cleanly():
