@@ -168,9 +168,11 @@ def bench_soak(a: argparse.Namespace) -> dict:
     with Served(a.model, a.threads, "-c", "512", "--cache-mem", "8MiB", "--max-queue", str(a.clients)) as s:
         for i in range(50):
             request(s, -1 - i)
-        rss0, t0 = s.rss(), time.perf_counter()
+        rss0, t0, trace = s.rss(), time.perf_counter(), []
         for i in range(a.soak):
             request(s, i)
+            if i % 100 == 99:
+                trace.append(round(s.rss() / 2**20, 1))
         seq_s = time.perf_counter() - t0
 
         def client(c: int) -> None:
@@ -188,6 +190,7 @@ def bench_soak(a: argparse.Namespace) -> dict:
     return {
         "sequential": a.soak, "sequential_s": seq_s, "concurrent": a.clients * a.per_client, "concurrent_s": conc_s,
         "rss_start_mib": rss0 / 2**20, "rss_end_mib": rss1 / 2**20, "rss_change": rss1 / rss0 - 1,
+        "rss_every_100_mib": trace,
         "errors": len(errors), "first_errors": errors[:3], "served": stats["requests"]["served"],
         "prefix_cache": stats["prefix_cache"],
     }  # fmt: skip

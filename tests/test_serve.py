@@ -314,20 +314,22 @@ def test_errors_have_openai_shape(server, monkeypatch):
 
 
 def test_prefix_cache_lru_within_its_budget():
-    rows = lambda n: torch.zeros(2, n, 4)  # noqa: E731  2 layers × 4 floats = 32 bytes a token
-    per_token = 32 + 8
-    cache = PrefixCache(max_bytes=25 * per_token)
-    assert cache.store([1, 2, 3, 4, 5], rows(5)) and cache.store([7, 8, 9, 10, 11], rows(5))
-    assert cache.match([1, 2, 3, 9])[1] == 3 and cache.match([5])[0] is None
-    assert cache.store([1, 2, 3, 4, 5, 6], rows(6))  # extends the first: replaces it
-    assert len(cache) == 2 and not cache.store([1, 2, 3], rows(3))  # already held inside a longer one
-    session = SimpleNamespace(cache=SimpleNamespace(data=torch.ones(2, 16, 4)), tokens=[])
+    def rows(tokens: list[int]) -> torch.Tensor:  # [2 layers, n, 4]: each row holds its token id
+        return torch.tensor(tokens, dtype=torch.float32)[None, :, None].expand(2, -1, 4)
+
+    cache = PrefixCache(max_bytes=10 * 64, block_tokens=2)  # a block: 2 layers × 2 tokens × 4 floats = 64 bytes
+    assert cache.store([1, 2, 3, 4, 5], rows([1, 2, 3, 4, 5])) and cache.store([7, 8, 9, 10, 11], rows([7] * 5))
+    assert cache.nbytes == 6 * 64 and cache.match([1, 2, 3, 9])[1] == 3 and cache.match([5])[0] is None
+    assert cache.store([1, 2, 3, 4, 5, 6], rows([1, 2, 3, 4, 5, 6]))  # extends the first: replaces it
+    assert len(cache) == 2 and not cache.store([1, 2, 3], rows([1, 2, 3]))  # held inside a longer one
+    session = SimpleNamespace(cache=SimpleNamespace(data=torch.zeros(2, 16, 4)), tokens=[])
+    cache.restore(cache.match([1, 2, 3, 4, 5, 9])[0], session, 5)
+    assert session.tokens == [1, 2, 3, 4, 5] and session.cache.data[1, :6, 0].tolist() == [1, 2, 3, 4, 5, 0]
     cache.restore(cache.match([7, 8, 9])[0], session, 3)  # now the most recently used
-    assert session.tokens == [7, 8, 9] and session.cache.data[:, :3].sum() == 0 and session.cache.data.sum() > 0
-    assert cache.store([20 + i for i in range(15)], rows(15))  # over budget: the least recently used goes
+    assert cache.store(list(range(20, 30)), rows(list(range(20, 30))))  # 5 blocks: the least recently used goes
     assert cache.match([1, 2, 3])[0] is None and cache.match([7, 8, 9])[1] == 3
-    assert cache.nbytes <= cache.max_bytes and cache.stats()["evicted"] == 1
-    assert not cache.store(list(range(100)), rows(100))  # larger than the whole budget
+    assert cache.nbytes == 8 * 64 <= cache.max_bytes and cache.stats()["evicted"] == 1
+    assert not cache.store(list(range(100)), rows(list(range(100))))  # larger than the whole pool
     assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2 and common_prefix([], [1]) == 0
 
 

@@ -25,7 +25,7 @@ from lite.chat import TurnStats, complete, render_prompt
 from lite.errors import LiteError
 from lite.sampling import SamplingParams
 from lite.serve.openai_shapes import ApiError, GenerationRequest
-from lite.serve.prefix_cache import PrefixCache, common_prefix
+from lite.serve.prefix_cache import PrefixCache, bytes_per_token, common_prefix
 
 log = logging.getLogger("lite.serve")
 
@@ -252,7 +252,10 @@ class Engine:
                 ),
                 "last_request": c.last,
             },
-            "prefix_cache": {**self.cache.stats(), "working_session_tokens": len(self.session.tokens)},
+            "prefix_cache": {
+                **self.cache.stats(), "working_session_tokens": len(self.session.tokens),
+                "latent_bytes_per_token": bytes_per_token(self.model.config, self.session.cache.dtype),
+            },
             "experts": {
                 "hit_rate": total.get("hit_rate"), "effective_hit_rate": total.get("effective_hit_rate"),
                 "prefetch_precision": total.get("prefetch_precision"),
