@@ -284,6 +284,15 @@ def test_errors_have_openai_shape(server, monkeypatch):
     error(server.get("/v1/chat/completions"), 405)
     error(server.post("/v1/chat/completions", {**chat, "pad": "x" * MAX_BODY}), 413, code="request_too_large")
 
+    # a failure inside the model: a 500 for a whole response, an error event for a stream; the server goes on
+    feed = server.engine.session.feed
+    monkeypatch.setattr(server.engine.session, "feed", lambda ids, *a: feed(ids, *a) if len(ids) > 1 else 1 / 0)
+    error(server.post("/v1/completions", {"prompt": "The", "max_tokens": 8}), 500)
+    r = server.post("/v1/completions", {"prompt": "The", "max_tokens": 8, "stream": True})
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+    monkeypatch.undo()
+
     # a full queue: the worker held on a gate, one request waiting, the next refused with Retry-After; then the
     # waiting client gives up (a 1 s timeout) and its request leaves the queue
     gate, process = threading.Event(), server.engine._process
