@@ -71,7 +71,7 @@ class Job:
     every FLUSH_WINDOW. Each token is still its own SSE event, sent at most FLUSH_WINDOW after it was sampled.
     """
 
-    FLUSH_WINDOW = 0.01  # s: a model slower than 100 tok/s has each token sent the moment it is sampled
+    FLUSH_WINDOW = 0.02  # s: below 50 tok/s every token is sent the moment it is sampled
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None):
         self.request = request
