@@ -22,7 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from cli.common import DEFAULT_MODEL  # noqa: E402
-from lite.serve.engine import StopText  # noqa: E402
+from lite.serve.jobs import StopText  # noqa: E402
 from lite.serve.prefix_cache import PrefixCache, common_prefix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

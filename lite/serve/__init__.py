@@ -4,7 +4,8 @@
 Starlette app) needs the `serve` extra: `pip install -e ".[serve]"`.
 """
 
-from lite.serve.engine import Engine, Job
+from lite.serve.engine import Engine
+from lite.serve.jobs import Job
 from lite.serve.prefix_cache import PrefixCache
 
 __all__ = ["Engine", "Job", "PrefixCache"]

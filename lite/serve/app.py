@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lite.serve.engine import Delta, Done, Engine, Job, QueueFull, Start
+from lite.serve.engine import Engine, QueueFull
+from lite.serve.jobs import Delta, Done, Job, Start
 from lite.serve.openai_shapes import (
     ApiError,
     GenerationRequest,
