@@ -167,9 +167,8 @@ def create_app(
             first = await job.next()
             if isinstance(first, ApiError):
                 raise first
-            start = first if isinstance(first, Start) else Start(0, 0)
-            if req.stream and not isinstance(first, Done):
-                return EventStream(stream(req, job, rid, stamp, start), close)
+            if req.stream and isinstance(first, Start):
+                return EventStream(stream(req, job, rid, stamp), close)
             done = first
             while not isinstance(done, Done):
                 done = await job.next()
@@ -183,7 +182,7 @@ def create_app(
         finish = "stop" if done.finish == "cancelled" else done.finish
         return JSONResponse(completion_record(req, rid, stamp, model_id, done.text, finish, use))
 
-    async def stream(req: GenerationRequest, job: Job, rid: str, stamp: int, start: Start) -> AsyncIterator[bytes]:
+    async def stream(req: GenerationRequest, job: Job, rid: str, stamp: int) -> AsyncIterator[bytes]:
         if req.kind == "chat":
             yield dumps(chunk_record(req, rid, stamp, model_id, text="", role=True))
         while True:

@@ -1,8 +1,8 @@
 """The generation worker: one thread runs the requests one at a time on one model and one working latent cache.
 
 torch is not async, so the ASGI handlers never touch the model (nor the tokenizer, which is not thread-safe):
-they `submit` a `Job` and read its events (`Start`, `Delta`s, then `Done` or an `ApiError`) from an asyncio
-queue the worker fills through `loop.call_soon_threadsafe`. A job marked `cancelled` (its client went away)
+they `submit` a `Job` and read its events (`Start`, `Delta`s, then `Done` or an `ApiError`; `jobs.py`), which
+the worker hands to their event loop. A job marked `cancelled` (its client went away)
 stops at the next token. Requests re-use the longest token prefix held by the working session or saved in the
 `PrefixCache`, so a chat client that resends its whole history each turn prefills only the new message.
 """
