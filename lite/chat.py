@@ -91,6 +91,24 @@ def cache_counts(stats: dict[str, Any]) -> tuple[int, int]:
     return int(total.get("hits", 0) or 0), int(total.get("misses", 0) or 0)
 
 
+def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], held: list[int]) -> list[int]:
+    """Token ids of `messages` plus the generation prompt, re-using the tokens `held` in a cache.
+
+    Where `held` spells text that the rendered conversation starts with (the model's own reply tokens, which
+    may be tokenized differently from a fresh encode), those tokens are kept and only the rest is encoded, so
+    that a turn prefills only its new tokens. Otherwise: the chat template's own encoding.
+    """
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    render = getattr(tokenizer, "render_chat", None)
+    if not held or render is None or common_prefix(held, ids) == len(held):
+        return ids
+    text = render(messages, add_generation_prompt=True)
+    done = tokenizer.decode(held, special=True)
+    if len(text) > len(done) and text.startswith(done):
+        return list(held) + tokenizer.encode(text[len(done) :], add_bos=False, parse_special=True)
+    return ids
+
+
 class Chat:
     """A multi-turn conversation with `model` (a `lite` Model, or anything honouring its Session contract).
 
@@ -226,20 +244,7 @@ class Chat:
         return self._reply(before)
 
     def _render(self) -> list[int]:
-        """Token ids of the conversation plus the generation prompt. Where the cache holds text that the
-        rendered conversation starts with (the model's own reply tokens, which may be tokenized differently
-        from a fresh encode), those tokens are kept and only the rest is encoded, so that a turn prefills
-        only its new tokens."""
-        ids = list(self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True))
-        held = self.session.tokens
-        render = getattr(self.tokenizer, "render_chat", None)
-        if not held or render is None or common_prefix(held, ids) == len(held):
-            return ids
-        text = render(self.messages, add_generation_prompt=True)
-        done = self.tokenizer.decode(held, special=True)
-        if len(text) > len(done) and text.startswith(done):
-            return held + self.tokenizer.encode(text[len(done) :], add_bos=False, parse_special=True)
-        return ids
+        return render_prompt(self.tokenizer, self.messages, self.session.tokens)
 
     def _fit(self, stats: TurnStats) -> list[int]:
         """The prompt for the current messages, dropping the oldest turns until it and room for a reply fit."""

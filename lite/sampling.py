@@ -32,6 +32,8 @@ LIMITS: dict[str, tuple[type, float, float, str]] = {
     "repeat_last_n": (int, -1, math.inf, "a whole number >= -1 (-1 = the whole history, 0 = off)"),
     "seed": (int, 0, SEED_MAX, f"a whole number from 0 to {SEED_MAX}"),
     "max_tokens": (int, 1, math.inf, "a whole number >= 1"),
+    "frequency_penalty": (float, -math.inf, math.inf, "a finite number"),
+    "presence_penalty": (float, -math.inf, math.inf, "a finite number"),
 }
 
 
@@ -76,23 +78,38 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the window (OpenAI's and llama.cpp's)
+    presence_penalty: float = 0.0  # subtracted once from every token in the window
 
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, check(f.name, getattr(self, f.name)))
 
 
-def apply_repeat_penalty(logits: torch.Tensor, history: list[int], penalty: float, last_n: int) -> torch.Tensor:
-    """Divide positive logits (multiply negative ones) of recently seen tokens by `penalty`, as llama.cpp does.
+def apply_repeat_penalty(
+    logits: torch.Tensor,
+    history: list[int],
+    penalty: float,
+    last_n: int,
+    frequency: float = 0.0,
+    presence: float = 0.0,
+) -> torch.Tensor:
+    """Divide positive logits (multiply negative ones) of recently seen tokens by `penalty`, then subtract
+    `frequency` x their count and `presence` once, over the same last `last_n` tokens, as llama.cpp does.
     Results are kept finite (a token already at -inf stays there)."""
-    if penalty == 1.0 or not history or last_n == 0:
+    if (penalty == 1.0 and frequency == 0.0 and presence == 0.0) or not history or last_n == 0:
         return logits
     window = history[-last_n:] if last_n > 0 else history  # last_n < 0: the whole history (llama.cpp's -1)
-    recent = torch.tensor(sorted(set(window)), dtype=torch.long, device=logits.device)
+    recent, counts = torch.tensor(window, dtype=torch.long).unique(return_counts=True)
+    recent = recent.to(logits.device)
     picked = logits[recent]
     logits = logits.clone()
-    penalised = torch.where(picked > 0, picked / penalty, picked * penalty).clamp(-_F32_MAX, _F32_MAX)
-    logits[recent] = torch.where(picked == float("-inf"), picked, penalised)
+    penalised = picked
+    if penalty != 1.0:
+        penalised = torch.where(picked > 0, picked / penalty, picked * penalty)
+    if frequency != 0.0 or presence != 0.0:
+        penalised = penalised - counts.to(picked.device, picked.dtype) * frequency - presence
+    logits[recent] = torch.where(picked == float("-inf"), picked, penalised.clamp(-_F32_MAX, _F32_MAX))
     return logits
 
 
@@ -104,9 +121,17 @@ def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.clamp(max=_F32_MAX)
 
 
+def penalized(logits: torch.Tensor, params: SamplingParams, history: list[int] | None) -> torch.Tensor:
+    """`logits` as finite float32 with the repeat, frequency and presence penalties of `params` applied."""
+    return apply_repeat_penalty(
+        _finite_logits(logits), history or [], params.repeat_penalty, params.repeat_last_n,
+        params.frequency_penalty, params.presence_penalty,
+    )  # fmt: skip
+
+
 def filtered_logits(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:
     """Penalised logits [vocab] with the tokens removed by top-k, top-p and min-p set to -inf (untempered)."""
-    logits = apply_repeat_penalty(_finite_logits(logits), history or [], params.repeat_penalty, params.repeat_last_n)
+    logits = penalized(logits, params, history)
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -123,8 +148,7 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams, history: list[
 
 
 def _greedy(logits: torch.Tensor, params: SamplingParams, history: list[int] | None) -> int:
-    penalised = apply_repeat_penalty(_finite_logits(logits), history or [], params.repeat_penalty, params.repeat_last_n)
-    return int(torch.argmax(penalised))
+    return int(torch.argmax(penalized(logits, params, history)))
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, history: list[int] | None = None) -> torch.Tensor:

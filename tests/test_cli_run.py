@@ -14,7 +14,7 @@ import torch
 from cli_models import tiny_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("chat", "run", "bench", "perplexity")
+COMMANDS = ("chat", "run", "serve", "bench", "perplexity")
 
 
 def lite_subprocess(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:

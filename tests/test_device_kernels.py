@@ -182,10 +182,65 @@ def check_matmul_partial_k_tile(seed: int) -> None:
     n, k = 20, 1408
     raw = random_raw(Q.Q5_0, n, k, gen)
     w = formats.dequantize(raw, Q.Q5_0, (n, k))
-    for m in (3, 24):
+    for m in (1, 3, 24):
         x = torch.randn(m, k, generator=gen)
         assert_close(gguf_matmul(x, raw, Q.Q5_0, n, k), x @ w.T, f"M={m}")
         assert_close(triton_blocks.matmul(x, raw, Q.Q5_0, n, k, interpreter_tiles=False), x @ w.T, f"M={m}, GPU")
+
+
+def gemv_with_tiles(x: torch.Tensor, raw: torch.Tensor, qtype: Q, n: int, k: int, bn: int, bk: int) -> torch.Tensor:
+    """The GEMV kernel (M <= 8) launched with the given BLOCK_N and BLOCK_K."""
+    import triton
+
+    from quant import triton_blocks
+
+    m = x.shape[0]
+    bm = 1 << (m - 1).bit_length()
+    out = torch.empty(m, n, dtype=x.dtype)
+    triton_blocks.matmul_kernel[(triton.cdiv(n, bn), 1)](
+        x, raw, out, m, n, k, x.stride(0), out.stride(0), triton_blocks.row_bytes(qtype, k),
+        QTYPE=int(qtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def check_gemv_partial_tiles(qtype: Q, seed: int) -> None:
+    """GEMV steps of several blocks where K is not a multiple of the step (3 blocks of 256 in steps of 2, 11 of 32 in
+    steps of 4, 100 floats in steps of 64) and a partial last tile of rows, for 1, 2 and 3 rows of x (the
+    accumulators of BLOCK_M 1, 2 and 4)."""
+    gen = torch.Generator().manual_seed(seed)
+    qk = gguf.GGML_QUANT_SIZES[qtype][0]
+    n, k, bk = (20, 768, 512) if qk == 256 else (20, 352, 128) if qk == 32 else (20, 100, 64)
+    raw = random_raw(qtype, n, k, gen)
+    w = formats.dequantize(raw, qtype, (n, k))
+    for m in (1, 2, 3):
+        x = torch.randn(m, k, generator=gen)
+        assert_close(gemv_with_tiles(x, raw, qtype, n, k, 8, bk), x @ w.T, f"M={m}")
+
+
+# bytes of each block holding 4-bit fields, low nibble of byte i and high nibble of byte i being different columns
+NIBBLE_BYTES = {
+    Q.Q4_0: (2, 18), Q.Q4_1: (4, 20), Q.Q5_0: (6, 22), Q.Q4_K: (16, 144), Q.Q5_K: (48, 176), Q.Q6_K: (0, 128),
+}  # fmt: skip
+
+
+def check_swapped_nibbles_fail(qtype: Q, seed: int) -> None:
+    """The comparison catches a kernel that mixes up low and high nibbles: the kernel on blocks whose nibbles are
+    swapped (what such a kernel would compute on the real blocks) is far from the real blocks' reference."""
+    from quant import triton_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    n, k = 48, 512
+    raw = random_raw(qtype, n, k, gen)
+    w = formats.dequantize(raw, qtype, (n, k))
+    ts = gguf.GGML_QUANT_SIZES[qtype][1]
+    a, b = NIBBLE_BYTES[qtype]
+    swapped = raw.clone().reshape(-1, ts)
+    swapped[:, a:b] = (swapped[:, a:b] >> 4) | (swapped[:, a:b] << 4)
+    x = torch.randn(1, k, generator=gen)
+    y = triton_blocks.matmul(x, swapped.reshape(-1), qtype, n, k, interpreter_tiles=False)
+    with pytest.raises(AssertionError):
+        assert_close(y, x @ w.T, "swapped nibbles")
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_QTYPES, ids=lambda t: t.name)
@@ -195,6 +250,16 @@ def test_matmul_matches_dequantized_reference(qtype: Q, interpreter, seed) -> No
 
 def test_matmul_k_not_a_multiple_of_the_tile(interpreter, seed) -> None:
     run(interpreter, check_matmul_partial_k_tile, seed)
+
+
+@pytest.mark.parametrize("qtype", SUPPORTED_QTYPES, ids=lambda t: t.name)
+def test_gemv_partial_steps_and_row_tiles(qtype: Q, interpreter, seed) -> None:
+    run(interpreter, check_gemv_partial_tiles, qtype, seed)
+
+
+@pytest.mark.parametrize("qtype", list(NIBBLE_BYTES), ids=lambda t: t.name)
+def test_swapped_nibbles_are_caught(qtype: Q, interpreter, seed) -> None:
+    run(interpreter, check_swapped_nibbles_fail, qtype, seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,14 +332,17 @@ def check_moe(case: tuple, seed: int, interpreter_tiles: bool | None = None) -> 
     spec, pool, x, slots, weights = moe_inputs(
         types, hidden, inter, t, k, dtype, slot_dtype, torch.Generator().manual_seed(seed)
     )
-    if interpreter_tiles is None:
-        y = moe_ffn(x, pool, slots, weights, spec)
-    else:
-        y = triton_moe.moe(x, pool, slots, weights, spec, interpreter_tiles=interpreter_tiles)
+
+    def run_moe() -> torch.Tensor:
+        if interpreter_tiles is None:
+            return moe_ffn(x, pool, slots, weights, spec)
+        return triton_moe.moe(x, pool, slots, weights, spec, interpreter_tiles=interpreter_tiles)
+
+    y = run_moe()
     assert y.dtype == dtype and y.shape == (t, hidden)
     assert_close(y, moe_reference(x, pool, slots, weights, spec), "moe_ffn")
-    if t == 1:
-        assert torch.equal(moe_ffn(x, pool, slots, weights, spec), y)  # deterministic
+    if t == 1 and interpreter_tiles is None:
+        assert torch.equal(run_moe(), y)  # deterministic (the same tiles: the same order of every float sum)
 
 
 @pytest.mark.parametrize(
@@ -284,9 +352,10 @@ def test_moe_ffn_matches_reference(case: tuple, interpreter, seed) -> None:
     run(interpreter, check_moe, case, seed)
 
 
-@pytest.mark.parametrize("t, k", [(1, 6), (37, 3)])
+@pytest.mark.parametrize("t, k", [(1, 3), (37, 3)])
 def test_moe_with_gpu_tiles(t: int, k: int, interpreter, seed) -> None:
-    """The GPU's tile sizes: GEMV per pair at T=1; tl.dot with BLOCK_M 16..64 and BLOCK_K 32 at T=37."""
+    """The GPU's tile sizes: GEMV per pair at T=1 (one program per pair and row or few rows of each matrix: slow
+    in the interpreter, so 3 pairs); tl.dot with BLOCK_M 16..64 and BLOCK_K 32 at T=37."""
     case = ((Q.Q8_0, Q.Q4_0, Q.Q5_0), 128, 96, t, k, torch.float32, torch.int64)
     run(interpreter, check_moe, case, seed, False)
 
@@ -356,8 +425,9 @@ def compile_all_for_sm90() -> list[str]:
 
     for q in SUPPORTED_QTYPES:
         configs = [
-            (triton_blocks.gemv_config(q, 1, 2048), False, "*fp32"),
-            (triton_blocks.gemv_config(q, 8, 2048), False, "*fp16"),
+            (triton_blocks.gemv_config(q, 1, 2048, 2048), False, "*fp32"),
+            (triton_blocks.gemv_config(q, 2, 102400, 2048), False, "*bf16"),
+            (triton_blocks.gemv_config(q, 8, 2048, 2048), False, "*fp16"),
             (triton_blocks.gemm_config(q, 64), True, "*bf16"),
         ]
         for (bm, bn, bk, warps), dot, xt in configs:
@@ -371,12 +441,12 @@ def compile_all_for_sm90() -> list[str]:
     for gate, up, down in [(q, q, q) for q in SUPPORTED_QTYPES] + [(Q.Q4_K, Q.Q8_0, Q.Q6_K)]:
         for block_m, dot in ((1, False), (64, True)):
             kernel = triton_moe.moe_gate_up_kernel
-            bn, bk = triton_moe.tiles(dot, False, gate, up)
+            bn, bk = triton_moe.tiles(dot, False, (gate, up), 1408, 2048, 6)
             const = {"GATE_TYPE": int(gate), "UP_TYPE": int(up), "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk}
             ptrs = {a: moe_ptrs[a] for a in kernel.arg_names if a in moe_ptrs}
             check(f"moe gate/up {gate.name}/{up.name} M{block_m}", _aot(kernel, {**const, "USE_DOT": dot}, ptrs, 4))
             kernel = triton_moe.moe_down_kernel
-            bn, bk = triton_moe.tiles(dot, False, down)
+            bn, bk = triton_moe.tiles(dot, False, (down,), 2048, 1408 if down in (Q.Q8_0, Q.Q5_0) else 2048, 6)
             const = {"DOWN_TYPE": int(down), "BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot}
             ptrs = {a: moe_ptrs[a] for a in kernel.arg_names if a in moe_ptrs}
             check(f"moe down {down.name} M{block_m}", _aot(kernel, const, ptrs, 4))
@@ -388,7 +458,7 @@ def test_every_kernel_variant_compiles_for_sm90(compiler) -> None:
     if reason is not None:
         pytest.skip(f"triton cannot compile for sm_90 without a GPU here: {reason}")
     built = compiler.submit(compile_all_for_sm90).result()
-    assert len(built) == 3 * len(SUPPORTED_QTYPES) + 2 * 2 * (len(SUPPORTED_QTYPES) + 1)
+    assert len(built) == 4 * len(SUPPORTED_QTYPES) + 2 * 2 * (len(SUPPORTED_QTYPES) + 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

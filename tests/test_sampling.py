@@ -188,3 +188,14 @@ def test_nan_logits_are_an_error_not_token_zero():
     for p in (params(), params(temperature=0.0)):
         with pytest.raises(LiteError, match="NaN logits"):
             sample(logits, p)
+
+
+def test_frequency_and_presence_penalties():
+    logits = torch.tensor([2.0, 1.0, -1.0, 0.5])
+    out = apply_repeat_penalty(logits, [0, 1, 0], penalty=1.0, last_n=64, frequency=0.5, presence=0.25)
+    # llama.cpp: logit -= count * frequency + presence, for each token in the window
+    assert torch.allclose(out, torch.tensor([2.0 - 2 * 0.5 - 0.25, 1.0 - 0.5 - 0.25, -1.0, 0.5]))
+    out = apply_repeat_penalty(logits, [3, 0, 2], penalty=2.0, last_n=2, frequency=1.0)  # window: [0, 2]
+    assert torch.allclose(out, torch.tensor([2.0 / 2 - 1.0, 1.0, -1.0 * 2 - 1.0, 0.5]))
+    greedy = params(temperature=0.0, presence_penalty=1.5)
+    assert sample(torch.tensor([2.0, 1.0]), greedy, history=[0]) == 1  # 2 - 1.5 < 1
