@@ -22,8 +22,9 @@ in four steps, all queued on the device without a device-to-host sync:
    float sum has a fixed order (no atomics), so results are deterministic; the caller orders each token's columns
    by expert id so that they also do not depend on the router's order.
 
-Decode (T <= 8) uses BLOCK_M = 1 and the GEMV form (broadcast-multiply-reduce, no tl.dot): no padding at all, one
-program per (pair, N-tile). Larger T uses tl.dot with BLOCK_M 16..64 by the mean number of rows per expert.
+Decode (T <= 8) uses BLOCK_M = 1 and the GEMV form (`triton_blocks.gemv`: whole blocks per step, each weight byte
+loaded once, no tl.dot): no padding at all, one program per (pair, N-tile). Larger T uses tl.dot with BLOCK_M 16..64
+by the mean number of rows per expert.
 """
 
 from __future__ import annotations
@@ -35,7 +36,18 @@ import torch
 import triton
 import triton.language as tl
 
-from quant.triton_blocks import INTERPRETED, accumulate, block_elems, dequant_tile, row_bytes
+from quant.triton_blocks import (
+    GEMV_THREADS,
+    INTERPRETED,
+    accumulate,
+    aligned_rows,
+    block_elems,
+    dequant_tile,
+    gemv,
+    gemv_tiles,
+    gemv_weights_per_thread,
+    row_bytes,
+)
 
 if TYPE_CHECKING:
     from quant.device_kernels import ExpertSpec
@@ -81,26 +93,37 @@ def moe_gate_up_kernel(
     USE_DOT: tl.constexpr,
 ):
     """Grid (cdiv(inter, BLOCK_N), padded bound / BLOCK_M). H[p, n] = silu(x[p // k] . gate[n]) * (x[p // k] . up[n]),
-    for the pairs p of the block."""
+    for the pairs p of the block. USE_DOT False (decode): BLOCK_M is 1 and each matrix goes through
+    triton_blocks.gemv (whole blocks per step, each weight byte loaded once)."""
     live, expert, pair, valid = _block_rows(
         sorted_ids_ptr, block_slot_ptr, total_ptr, pool_ptr, n_pairs, slot_bytes, BLOCK_M
     )
     if live:
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < inter
-        gate_rows = expert + gate_offset + rn.to(tl.int64) * gate_row_bytes
-        up_rows = expert + up_offset + rn.to(tl.int64) * up_row_bytes
-        x_rows = x_ptr + (pair // top_k).to(tl.int64) * stride_x
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_rows[:, None] + kk[None, :], mask=valid[:, None] & (kk < hidden)[None, :], other=0.0)
-            x = x.to(tl.float32)
-            acc_g = accumulate(
-                acc_g, x, dequant_tile(gate_rows, nmask, k0, hidden, GATE_TYPE, BLOCK_N, BLOCK_K), USE_DOT
-            )
-            acc_u = accumulate(acc_u, x, dequant_tile(up_rows, nmask, k0, hidden, UP_TYPE, BLOCK_N, BLOCK_K), USE_DOT)
+        rc = tl.minimum(rn, inter - 1)  # rows past the end repeat the last one (not stored)
+        gate_rows = aligned_rows(expert + gate_offset, rc, gate_row_bytes, GATE_TYPE)
+        up_rows = aligned_rows(expert + up_offset, rc, up_row_bytes, UP_TYPE)
+        if USE_DOT:
+            x_rows = x_ptr + (pair // top_k).to(tl.int64) * stride_x
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, hidden, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_rows[:, None] + kk[None, :], mask=valid[:, None] & (kk < hidden)[None, :], other=0.0)
+                x = x.to(tl.float32)
+                acc_g = accumulate(
+                    acc_g, x, dequant_tile(gate_rows, nmask, k0, hidden, GATE_TYPE, BLOCK_N, BLOCK_K), USE_DOT
+                )
+                acc_u = accumulate(
+                    acc_u, x, dequant_tile(up_rows, nmask, k0, hidden, UP_TYPE, BLOCK_N, BLOCK_K), USE_DOT
+                )
+        else:
+            tl.static_assert(BLOCK_M == 1, "the GEMV form takes one pair per program")
+            p0 = tl.load(sorted_ids_ptr + tl.program_id(1))  # a real pair: BLOCK_M = 1 pads nothing
+            x_row = x_ptr + (p0 // top_k).to(tl.int64) * stride_x
+            acc_g = gemv(x_row, stride_x, 1, gate_rows, hidden, GATE_TYPE, 1, BLOCK_N, BLOCK_K)
+            acc_u = gemv(x_row, stride_x, 1, up_rows, hidden, UP_TYPE, 1, BLOCK_N, BLOCK_K)
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         out = h_ptr + pair.to(tl.int64)[:, None] * inter + rn[None, :]
         tl.store(out, h, mask=valid[:, None] & nmask[None, :])
@@ -127,20 +150,28 @@ def moe_down_kernel(
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
 ):
-    """Grid (cdiv(hidden, BLOCK_N), padded bound / BLOCK_M). O[p, n] = weights[p] * (H[p] . down[n])."""
+    """Grid (cdiv(hidden, BLOCK_N), padded bound / BLOCK_M). O[p, n] = weights[p] * (H[p] . down[n]).
+    USE_DOT False (decode): BLOCK_M is 1, through triton_blocks.gemv."""
     live, expert, pair, valid = _block_rows(
         sorted_ids_ptr, block_slot_ptr, total_ptr, pool_ptr, n_pairs, slot_bytes, BLOCK_M
     )
     if live:
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < hidden
-        down_rows = expert + down_offset + rn.to(tl.int64) * down_row_bytes
-        h_rows = h_ptr + pair.to(tl.int64) * inter
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            h = tl.load(h_rows[:, None] + kk[None, :], mask=valid[:, None] & (kk < inter)[None, :], other=0.0)
-            acc = accumulate(acc, h, dequant_tile(down_rows, nmask, k0, inter, DOWN_TYPE, BLOCK_N, BLOCK_K), USE_DOT)
+        down_rows = aligned_rows(expert + down_offset, tl.minimum(rn, hidden - 1), down_row_bytes, DOWN_TYPE)
+        if USE_DOT:
+            h_rows = h_ptr + pair.to(tl.int64) * inter
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                h = tl.load(h_rows[:, None] + kk[None, :], mask=valid[:, None] & (kk < inter)[None, :], other=0.0)
+                acc = accumulate(
+                    acc, h, dequant_tile(down_rows, nmask, k0, inter, DOWN_TYPE, BLOCK_N, BLOCK_K), USE_DOT
+                )
+        else:
+            tl.static_assert(BLOCK_M == 1, "the GEMV form takes one pair per program")
+            p0 = tl.load(sorted_ids_ptr + tl.program_id(1))  # a real pair: BLOCK_M = 1 pads nothing
+            acc = gemv(h_ptr + p0.to(tl.int64) * inter, inter, 1, down_rows, inter, DOWN_TYPE, 1, BLOCK_N, BLOCK_K)
         rw = tl.load(weights_ptr + pair, mask=valid, other=0.0)
         out = o_ptr + pair.to(tl.int64)[:, None] * hidden + rn[None, :]
         tl.store(out, acc * rw[:, None], mask=valid[:, None] & nmask[None, :])
@@ -179,17 +210,27 @@ def moe_config(tokens: int, pairs: int, n_slots: int) -> tuple[int, bool]:
     return (16 if mean <= 16 else 32 if mean <= 32 else 64), True
 
 
-def tiles(use_dot: bool, interpreter_tiles: bool, *qtypes: gguf.GGMLQuantizationType) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of a kernel over matrices of these types. Untuned guesses for the GPU: the tl.dot form
-    keeps BLOCK_K at 32 (larger K tiles spill registers, see triton_blocks.gemm_config); the GEMV form steps by
-    whole blocks, ~4096 weights in all per step. Triton's CPU interpreter, whose cost is per operation rather than per
-    element, gets large tiles: fewer programs and K steps (the same code, other constexpr sizes)."""
+def tiles(
+    use_dot: bool, interpreter_tiles: bool, qtypes: tuple[gguf.GGMLQuantizationType, ...], n: int, k: int, pairs: int
+) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of a kernel over matrices of these types (n rows of k columns each), for `pairs` M-blocks.
+    Untuned guesses for the GPU: the tl.dot form keeps BLOCK_K at 32 (larger K tiles spill registers, see
+    triton_blocks.gemm_config); the GEMV form (one pair per program) takes triton_blocks.gemv_tiles of each type, the
+    smallest of each (BLOCK_K at least every type's block), with enough programs counting all pairs. Triton's CPU
+    interpreter, whose cost is per operation rather than per element, gets large tiles: fewer programs and K steps
+    (the same code, other constexpr sizes)."""
     bk = max(128, *(block_elems(q) for q in qtypes))
     if interpreter_tiles:
         return 128, max(bk, 256)
     if use_dot:
         return 64 // len(qtypes), 32  # gate+up: two accumulators, half the width
-    return 4096 // (bk * len(qtypes)), bk
+    per_thread = gemv_weights_per_thread(1)
+    shapes = [gemv_tiles(q, n * pairs, k, per_thread) for q in qtypes]
+    bn = min(s[0] for s in shapes)
+    bk = max(min(s[1] for s in shapes), *(block_elems(q) for q in qtypes))
+    while bn > 1 and any(bn * bk // max(block_elems(q), 32) >= GEMV_THREADS for q in qtypes):
+        bn //= 2  # fewer blocks per step than threads for every type (see gemv_tiles)
+    return bn, bk
 
 
 def moe(
@@ -217,14 +258,14 @@ def moe(
     o = torch.empty(p, hidden, dtype=torch.float32, device=dev)
     rw = weights.to(torch.float32).contiguous()
 
-    bn, bk = tiles(use_dot, big, spec.gate_type, spec.up_type)
+    bn, bk = tiles(use_dot, big, (spec.gate_type, spec.up_type), inter, hidden, p)
     moe_gate_up_kernel[(triton.cdiv(inter, bn), n_blocks)](
         x, pool, h, sorted_ids, block_slot, total, p, k, hidden, inter, x.stride(0), pool.stride(0),
         spec.gate_offset, spec.up_offset, row_bytes(spec.gate_type, hidden), row_bytes(spec.up_type, hidden),
         GATE_TYPE=int(spec.gate_type), UP_TYPE=int(spec.up_type),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, num_warps=4,
     )  # fmt: skip
-    bn, bk = tiles(use_dot, big, spec.down_type)
+    bn, bk = tiles(use_dot, big, (spec.down_type,), hidden, inter, p)
     moe_down_kernel[(triton.cdiv(hidden, bn), n_blocks)](
         h, pool, o, rw, sorted_ids, block_slot, total, p, hidden, inter, pool.stride(0),
         spec.down_offset, row_bytes(spec.down_type, inter),
