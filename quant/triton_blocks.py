@@ -29,6 +29,7 @@ _F16 = tl.constexpr(1)
 _Q4_0 = tl.constexpr(2)
 _Q4_1 = tl.constexpr(3)
 _Q5_0 = tl.constexpr(6)
+_Q5_1 = tl.constexpr(7)
 _Q8_0 = tl.constexpr(8)
 _Q4_K = tl.constexpr(12)
 _Q5_K = tl.constexpr(13)
@@ -143,6 +144,16 @@ def _tile_q5_0(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _tile_q5_1(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
+    blk, j, i, gm = _groups(rmask, k0, K, 32, 24, 32, BLOCK_K // 32)
+    d = _f16(rows, blk, gm)
+    m = _f16(rows, blk + 2, gm)
+    qh = _u8(rows[:, None, None] + (blk[:, None] + 4 + (i >> 3))[None], gm[:, :, None])
+    q = _nibble32(rows, blk, i, gm, 8) | (((qh >> (i & 7)[None]) & 1) << 4)
+    return d[:, :, None] * q.to(tl.float32) + m[:, :, None]
+
+
+@triton.jit
 def _tile_q4_k(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
     blk, j, i, gm = _groups(rmask, k0, K, 256, 144, 32, BLOCK_K // 32)
     sc, mn = _k_scale_min(rows, blk, j, gm)
@@ -211,6 +222,8 @@ def dequant_tile(rows, rmask, k0, K, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
             w3 = _tile_q4_1(rows, rmask, k0, K, BLOCK_K)
         elif QTYPE == _Q5_0:
             w3 = _tile_q5_0(rows, rmask, k0, K, BLOCK_K)
+        elif QTYPE == _Q5_1:
+            w3 = _tile_q5_1(rows, rmask, k0, K, BLOCK_K)
         elif QTYPE == _Q4_K:
             w3 = _tile_q4_k(rows, rmask, k0, K, BLOCK_K)
         elif QTYPE == _Q5_K:
