@@ -17,7 +17,7 @@ import traceback
 COMMANDS = {
     "chat": "Chat with a model in the terminal",
     "run": "Generate once from a prompt and stream to stdout",
-    "convert": "Convert a Hugging Face DeepSeek-V2 checkpoint to GGUF",
+    "convert": "Convert a Hugging Face DeepSeek-V2 checkpoint, or a GGUF, to GGUF with a recipe",
     "info": "Show a GGUF file's metadata, tensor types and sizes",
     "plan": "Plan where weights go for given memory budgets (reads metadata only)",
     "bench": "Measure prompt and decode speed and expert-cache statistics",
