@@ -26,7 +26,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
 from lite.config import ARCH
 from lite.convert_plan import PlannedTensor, file_type, open_checkpoint, plan, resolve_overrides
@@ -43,6 +42,7 @@ from lite.convert_sources import (
 from lite.errors import LiteError
 from quant.finite import nonfinite
 from quant.formats import quantize
+from quant.native import all_finite
 
 Q = gguf.GGMLQuantizationType
 CHUNK_ELEMENTS = 1 << 24  # ≤ 64 MiB of float32 per slice of a large matrix
@@ -306,7 +306,7 @@ def _encode(sl: Slice, t: PlannedTensor) -> tuple[np.ndarray, bool]:
         return sl.raw, mask is None or not bool(mask.any())
     x = sl.x
     assert x is not None
-    return quantize(x, t.qtype), bool(torch.isfinite(x).all())
+    return quantize(x, t.qtype), all_finite(x)
 
 
 def _pad(fout, alignment: int) -> None:

@@ -24,6 +24,7 @@ from quant.errors import LiteError
 
 __all__ = [
     "ISAS",
+    "all_finite",
     "QUANTIZE_QTYPES",
     "SUPPORTED_QTYPES",
     "as_raw",
@@ -149,6 +150,13 @@ def quantize(x: torch.Tensor, qtype: int) -> torch.Tensor:
     x = x.float()
     out = torch.ops.lite_gguf.quantize(x, int(qtype))
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of a float32 CPU tensor is finite (no NaN, no Inf), in one multi-threaded pass."""
+    if not available():
+        return bool(torch.isfinite(x).all())
+    return bool(torch.ops.lite_gguf.all_finite(x))
 
 
 def quantize_acts(x: torch.Tensor, q8_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -128,3 +128,13 @@ def test_refuses_bad_input() -> None:
         native.quantize(torch.zeros(2, 100), int(Q.Q4_K))
     with pytest.raises(RuntimeError, match="cannot quantize"):
         native.quantize(torch.zeros(2, 256), int(Q.Q2_K))
+
+
+def test_all_finite() -> None:
+    x = torch.randn(100_000)
+    assert native.all_finite(x) and native.all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[77_777] = bad
+        assert not native.all_finite(y) and not native.all_finite(y[77_000:])
+    assert native.all_finite(torch.tensor([3.4e38, -1e-45]))
