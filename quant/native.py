@@ -7,7 +7,11 @@ first use into torch's extension cache (TORCH_EXTENSIONS_DIR) with ninja; the AV
 chosen at run time from the CPU's features. If compilation fails, `available()` is False and callers fall
 back to torch.
 
-Set LITE_NATIVE_ISA=scalar|avx2|avx512 to cap the instruction set (for tests and comparisons).
+The same extension holds the block quantizers (`quantize`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K with
+llama.cpp's reference algorithms, byte for byte; see quant/csrc/quant_blocks.h) used by the converter.
+
+Set LITE_NATIVE_ISA=scalar|avx2|avx512 to cap the instruction set (for tests and comparisons; `scalar` also
+runs the K-quant searches in their baseline build).
 """
 
 from __future__ import annotations

@@ -204,6 +204,20 @@ def test_llama_cpp_quantize_gives_the_same_file(hf_checkpoint, tmp_path, recipe,
     assert torch.isfinite(dequantize(head.data, head.qtype, head.shape)).all()
 
 
+def test_a_gguf_made_by_llama_cpp_is_requantized(hf_lite, tmp_path):
+    """llama.cpp's own Q8_0 file (its tensor order, its metadata) converts to any recipe: the same types as from
+    the bf16 file, each tensor quantized from llama.cpp's Q8_0 values."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    convert(hf_lite, tmp_path / "bf16.gguf", outtype="bf16")
+    _llama_quantize(tmp_path / "bf16.gguf", tmp_path / "llama-q8_0.gguf", "q8_0")
+    convert(tmp_path / "llama-q8_0.gguf", tmp_path / "q4km.gguf", recipe="q4_k_m")
+    convert(tmp_path / "bf16.gguf", tmp_path / "direct.gguf", recipe="q4_k_m")
+    src, out = GGUFFile(tmp_path / "llama-q8_0.gguf"), GGUFFile(tmp_path / "q4km.gguf")
+    requantized(src, out)
+    direct = GGUFFile(tmp_path / "direct.gguf")
+    assert {n: t.qtype for n, t in out.tensors.items()} == {n: t.qtype for n, t in direct.tensors.items()}
+
+
 def test_llama_recipes_load_and_agree_with_f32(hf_lite, tmp_path):
     """Files of llama.cpp's recipes (Q4_K, Q5_K, Q6_K, Q5_0, Q5_1, Q8_0 tensors) load in lite and stay close to the
     exact f32 file; more bits, closer. Measured mean KL: q4_k_m 0.047, q5_k_m 0.018, q8_0 5.8e-4 (lite's default
