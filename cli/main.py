@@ -18,7 +18,7 @@ COMMANDS = {
     "chat": "Chat with a model in the terminal",
     "run": "Generate once from a prompt and stream to stdout",
     "serve": "Serve the model over an OpenAI-compatible HTTP API",
-    "convert": "Convert a Hugging Face DeepSeek-V2/V3-family checkpoint (bf16 or fp8) to GGUF",
+    "convert": "Convert a Hugging Face DeepSeek-V2/V3-family checkpoint (bf16, fp8), or a GGUF, to GGUF with a recipe",
     "info": "Show a GGUF file's metadata, tensor types and sizes",
     "plan": "Plan where weights go for given memory budgets (reads metadata only)",
     "bench": "Measure prompt and decode speed and expert-cache statistics",

@@ -1,12 +1,14 @@
-"""Hugging Face DeepSeek-V2 / V3-family checkpoint → GGUF, streaming (FP8 weights dequantized with their block scales).
+"""A Hugging Face DeepSeek-V2 / V3-family checkpoint (FP8 too), or a deepseek2 GGUF, → GGUF in a recipe's types.
 
-Weights are read through memory-mapped safetensors one slice at a time (one expert, or a block of rows of a
-large matrix), quantized and appended to the output, so peak memory stays at one slice plus a constant
-whatever the model size. The GGUF header (metadata and every tensor's type, shape and offset) is known from
-the plan before any weight is read, so it is written first and the data follows in the same order.
+Weights are read one slice at a time (one expert, or a block of rows of a large matrix; `lite/convert_sources.py`),
+checked for NaN/Inf, quantized (`quant.formats.quantize`: llama.cpp's reference quantizers, native and
+multi-threaded) and appended to the output, so peak memory stays at one slice plus a constant whatever the model
+size. The GGUF header (metadata and every tensor's type, shape and offset) is known from the plan before any
+weight is read, so it is written first and the data follows in the same order.
 
 The output is written to a temporary file beside it and renamed on success: a failure of any kind (bad
-weights, a full disk, Ctrl-C) leaves no partial file behind.
+weights, a full disk, Ctrl-C, SIGTERM) leaves no partial file and no temporary file behind, and an existing
+output (overwritten only with `force`) stays as it was.
 """
 
 from __future__ import annotations
@@ -14,32 +16,52 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
-import torch
-from safetensors import safe_open
 
-from lite import fp8
-from lite.config import ARCH, add_metadata, gguf_metadata_from_hf
-from lite.convert_plan import Checkpoint, PlannedTensor, file_type, open_checkpoint, plan, resolve_types
+from lite.config import ARCH
+from lite.convert_plan import PlannedTensor, file_type, open_checkpoint, plan, resolve_overrides
+from lite.convert_sources import (
+    Slice,
+    add_gguf_metadata,
+    add_hf_metadata,
+    add_hf_tokenizer,
+    gguf_slices,
+    hf_slices,
+    open_gguf_input,
+    plan_gguf,
+)
 from lite.errors import LiteError
-from lite.gguf_names import build_tensor
+from quant.finite import nonfinite
 from quant.formats import quantize
+from quant.native import all_finite
 
 Q = gguf.GGMLQuantizationType
 CHUNK_ELEMENTS = 1 << 24  # ≤ 64 MiB of float32 per slice of a large matrix
-Progress = Callable[[int, int, str], None]  # (input bytes done, input bytes total, current tensor name)
 
-__all__ = ["convert", "ConvertSummary"]
+__all__ = ["convert", "ConvertProgress", "ConvertSummary"]
+
+
+@dataclass
+class ConvertProgress:
+    """Where a conversion is, after each slice written."""
+
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int  # input bytes
+    bytes_total: int
+    name: str  # the tensor being written
+
+
+Progress = Callable[[ConvertProgress], None]
 
 
 @dataclass
@@ -50,10 +72,14 @@ class ConvertSummary:
     dry_run: bool
     tensors: list[PlannedTensor]
     file_type: gguf.LlamaFileType
-    input_bytes: int  # safetensors files on disk
+    input_bytes: int  # safetensors files or the input GGUF on disk
     output_bytes: int  # the GGUF file (estimated for a dry run)
     seconds: float
-    tokenizer: bool  # whether tokenizer metadata and the chat template were written
+    tokenizer: bool  # whether tokenizer metadata (and a chat template) is in the output
+    recipe: str = "lite"
+    input_kind: str = "hf"  # "hf" | "gguf"
+    peak_rss_bytes: int = 0  # the process's peak resident memory when done
+    nonfinite: list[str] = field(default_factory=list)  # tensors written with NaN/Inf (allow_nonfinite)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -86,28 +112,32 @@ class ConvertSummary:
 
 
 def convert(
-    hf_dir: str | os.PathLike[str],
+    source: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
+    recipe: str | None = None,
     outtype: str | None = None,
     experts: str | None = None,
     rest: str | None = None,
     force: bool = False,
     dry_run: bool = False,
+    allow_nonfinite: bool = False,
     progress: Progress | None = None,
     legacy_kv_b: bool = False,
 ) -> ConvertSummary:
-    """Convert the HF checkpoint in `hf_dir` to a GGUF at `out_path`.
+    """Convert `source` (an HF checkpoint folder, or a deepseek2 GGUF in F32/F16/BF16/Q8_0) to a GGUF at `out_path`.
 
-    Recipe (default): routed experts Q4_K (Q4_0 where rows are not a multiple of 256), other matrices Q8_0,
-    norms and the router F32. `experts` / `rest` pick other types, `outtype` one type for all weights
-    ("f32" gives an exact file). `legacy_kv_b` writes the older single `attn_kv_b` layout (for tests).
+    `recipe` picks every tensor's type (`lite/recipes.py`: "lite", the default, or llama.cpp's "q4_k_m",
+    "q5_k_m", "q6_k", "q8_0"); `experts` / `rest` override it for the routed experts / the other matrices,
+    `outtype` for all weights ("f32" from an HF folder gives an exact file). NaN or Inf in a weight is an error
+    naming the tensor unless `allow_nonfinite`. `legacy_kv_b` writes the older single `attn_kv_b` layout (tests).
     Raises LiteError, leaving no file behind, on bad input, bad weights or any OSError (a full disk, a
     read-only file system, a permission).
     """
     out = Path(out_path)
     try:
-        return _convert(hf_dir, out, outtype, experts, rest, force, dry_run, progress, legacy_kv_b)
+        return _convert(Path(source), out, (recipe, outtype, experts, rest), force, dry_run, allow_nonfinite,
+                        progress, legacy_kv_b)  # fmt: skip
     except OSError as e:
         raise _os_error(e, out) from None
 
@@ -118,8 +148,8 @@ def _os_error(e: OSError, out: Path) -> LiteError:
     reason = e.strerror or str(e) or type(e).__name__
     where, p = out.resolve().parent, Path(name).resolve() if name else None
     writing = p is None or p in (where, where / out.name) or (p.parent == where and p.name.startswith(f".{out.name}."))
-    if not writing:  # the checkpoint (config, safetensors, tokenizer files)
-        return LiteError(f"cannot read {name}: {reason}; check the checkpoint folder and its permissions")
+    if not writing:  # the input (config, safetensors, tokenizer files, the GGUF)
+        return LiteError(f"cannot read {name}: {reason}; check the input and its permissions")
     if e.errno == errno.ENOSPC:
         return LiteError(f"disk full while writing {out}; free some space or write elsewhere with -o")
     why, fix = {
@@ -131,31 +161,55 @@ def _os_error(e: OSError, out: Path) -> LiteError:
 
 
 def _convert(
-    hf_dir: str | os.PathLike[str],
+    source: Path,
     out: Path,
-    outtype: str | None,
-    experts: str | None,
-    rest: str | None,
+    choice: tuple[str | None, str | None, str | None, str | None],
     force: bool,
     dry_run: bool,
+    allow_nonfinite: bool,
     progress: Progress | None,
     legacy_kv_b: bool,
 ) -> ConvertSummary:
     t0 = time.perf_counter()
-    expert_type, rest_type = resolve_types(outtype, experts, rest)
-    ckpt = open_checkpoint(hf_dir)
-    tensors = plan(ckpt, expert_type, rest_type, legacy_kv_b=legacy_kv_b)
-    _check_output(out, force or dry_run)
-    ftype = file_type(tensors)
+    recipe, overrides = resolve_overrides(*choice)
     writer = gguf.GGUFWriter(None, ARCH)
-    notes = _add_metadata(writer, ckpt, ftype, legacy_kv_b)
-    has_tokenizer = _add_tokenizer(writer, ckpt.path, notes)
+    notes: list[str] = []
+    slices: Callable[[PlannedTensor], Iterator[Slice]]
+    if source.is_file():  # a GGUF
+        f = open_gguf_input(source)
+        tensors = plan_gguf(f, recipe, overrides)
+        _check_output(out, force or dry_run)
+        ftype = file_type(tensors, recipe, overrides)
+        add_gguf_metadata(writer, f)
+        writer.add_file_type(int(ftype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        has_tokenizer = "tokenizer.ggml.tokens" in f.metadata
+        input_bytes, kind = os.path.getsize(source), "gguf"
+
+        def slices(t: PlannedTensor) -> Iterator[Slice]:
+            return gguf_slices(f, t, CHUNK_ELEMENTS)
+    else:
+        ckpt = open_checkpoint(source)
+        tensors = plan(ckpt, recipe, overrides, legacy_kv_b=legacy_kv_b)
+        _check_output(out, force or dry_run)
+        ftype = file_type(tensors, recipe, overrides)
+        notes = add_hf_metadata(writer, ckpt, legacy_kv_b)
+        writer.add_file_type(int(ftype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        has_tokenizer = add_hf_tokenizer(writer, ckpt.path, notes)
+        input_bytes, kind = ckpt.input_bytes, "hf"
+
+        def slices(t: PlannedTensor) -> Iterator[Slice]:
+            return hf_slices(ckpt, t, CHUNK_ELEMENTS)
+
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.out_bytes, raw_dtype=t.qtype)
-    writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
+    if kind == "hf":
+        writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
     data_bytes = sum(gguf.GGUFWriter.ggml_pad(t.out_bytes, writer.data_alignment) for t in tensors)
     estimate = _header_bytes(writer) + data_bytes
-    summary = ConvertSummary(out, dry_run, tensors, ftype, ckpt.input_bytes, estimate, 0.0, has_tokenizer, notes)
+    summary = ConvertSummary(out, dry_run, tensors, ftype, input_bytes, estimate, 0.0, has_tokenizer, recipe, kind)
+    summary.notes = notes
     if not dry_run:
         free = shutil.disk_usage(out.parent).free
         if free < estimate:
@@ -163,9 +217,12 @@ def _convert(
                 f"not enough disk space in {out.parent}: the GGUF needs {estimate / 1e9:.2f} GB, "
                 f"{free / 1e9:.2f} GB are free; free some space or write elsewhere with -o"
             )
-        _write(writer, ckpt, tensors, out, progress)
+        summary.nonfinite = _write(writer, tensors, slices, out, progress, allow_nonfinite)
         summary.output_bytes = out.stat().st_size
+        if summary.nonfinite:
+            summary.notes.append(f"{len(summary.nonfinite)} tensors hold NaN or Inf (--allow-nonfinite)")
     summary.seconds = time.perf_counter() - t0
+    summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return summary
 
 
@@ -176,56 +233,6 @@ def _check_output(out: Path, force: bool) -> None:
         raise LiteError(f"output folder {out.parent} does not exist; create it or choose another -o")
     if out.exists() and not force:
         raise LiteError(f"{out} already exists; pass --force to overwrite it or choose another -o")
-
-
-def _add_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, ftype: gguf.LlamaFileType, legacy: bool) -> list[str]:
-    """general.* and deepseek2.* keys, as llama.cpp's converter writes them."""
-    notes: list[str] = []
-    writer.add_type(gguf.GGUFType.MODEL)
-    name = ckpt.config.get("_name_or_path") or ckpt.path.resolve().name
-    writer.add_name(Path(str(name)).name)
-    meta = gguf_metadata_from_hf(ckpt.config)
-    if legacy:  # older llama.cpp files: per-head key/value lengths and no *_mla keys
-        a, k = ckpt.args, gguf.Keys.Attention
-        meta[k.HEAD_COUNT_KV.format(arch=ARCH)] = a.num_attention_heads
-        meta[k.KEY_LENGTH.format(arch=ARCH)] = a.qk_head_dim
-        meta[k.VALUE_LENGTH.format(arch=ARCH)] = a.v_head_dim
-        meta.pop(k.KEY_LENGTH_MLA.format(arch=ARCH), None)
-        meta.pop(k.VALUE_LENGTH_MLA.format(arch=ARCH), None)
-        notes.append("legacy layout: a single attn_kv_b per layer")
-    if ckpt.mtp_layers:
-        notes.append(
-            f"skipped {ckpt.mtp_layers} multi-token-prediction layer(s) (num_nextn_predict_layers), as llama.cpp does"
-        )
-    if ckpt.scales:
-        b = ckpt.fp8_block
-        notes.append(f"{len(ckpt.scales)} fp8 weights dequantized exactly with their {b[0]}x{b[1]} block scales")
-    q_lora = gguf.Keys.Attention.Q_LORA_RANK.format(arch=ARCH)
-    if ckpt.args.q_lora_rank is None:
-        # llama.cpp skips reading q_lora_rank only for 26- or 27-layer models (the real V2-Lite) and fails on
-        # any other q_proj model without it; 0 tells it (and lite) "q_proj, no q LoRA" for every depth.
-        meta[q_lora] = 0
-    add_metadata(writer, meta)
-    writer.add_file_type(int(ftype))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    return notes
-
-
-def _add_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, notes: list[str]) -> bool:
-    if not (hf_dir / "tokenizer.json").is_file():
-        # "none" (no tokens) lets llama.cpp load the file for token-id use, as its vocab-less models do
-        writer.add_tokenizer_model("none")
-        notes.append("no tokenizer.json: the GGUF has no tokenizer (token ids only; `lite chat` needs one)")
-        return False
-    try:
-        from lite.tokenizer_gguf import add_tokenizer_metadata
-    except ImportError:
-        notes.append("tokenizer metadata writer unavailable: the GGUF has no tokenizer")
-        return False
-    add_tokenizer_metadata(writer, hf_dir)
-    if gguf.Keys.Tokenizer.CHAT_TEMPLATE not in writer.kv_data[0]:
-        notes.append("no chat template in tokenizer_config.json: `lite chat` will fall back to plain text")
-    return True
 
 
 def _header_bytes(writer: gguf.GGUFWriter) -> int:
@@ -240,27 +247,44 @@ def _header_bytes(writer: gguf.GGUFWriter) -> int:
 
 
 def _write(
-    writer: gguf.GGUFWriter, ckpt: Checkpoint, tensors: list[PlannedTensor], out: Path, progress: Progress | None
-) -> None:
-    """Header, then each tensor's data in plan order, into a temporary file renamed to `out` on success."""
+    writer: gguf.GGUFWriter,
+    tensors: list[PlannedTensor],
+    slices: Callable[[PlannedTensor], Iterator[Slice]],
+    out: Path,
+    progress: Progress | None,
+    allow_nonfinite: bool,
+) -> list[str]:
+    """Header, then each tensor's data in plan order, into a temporary file renamed to `out` on success.
+    Returns the tensors that held NaN or Inf (only with allow_nonfinite; otherwise that is an error)."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    total, done = sum(t.in_bytes for t in tensors), 0
+    total, done, bad = sum(t.in_bytes for t in tensors), 0, []
     try:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
-        for t in tensors:
+        for i, t in enumerate(tensors):
             _pad(fout, writer.data_alignment)
             written = 0
-            for x, in_bytes in _slices(ckpt, t):
-                raw = quantize(x, t.qtype)
+            for sl in slices(t):
+                raw, finite = _encode(sl, t)
+                if not finite:
+                    if not allow_nonfinite:
+                        also = f" (GGUF tensor {t.name})" if sl.source != t.name else ""
+                        raise LiteError(
+                            f"weight {sl.source} contains NaN or Inf{also}; the input is corrupt: re-download or fix "
+                            "it, or pass --allow-nonfinite to write it anyway"
+                        )
+                    if t.name not in bad:
+                        bad.append(t.name)
                 _write_chunk(fout, raw)
                 written += raw.nbytes
-                done += in_bytes
+                done += sl.in_bytes
                 if progress:
-                    progress(done, total, t.name)
+                    progress(ConvertProgress(i, len(tensors), done, total, t.name))
             assert written == t.out_bytes, (t.name, written, t.out_bytes)
+            if progress:
+                progress(ConvertProgress(i + 1, len(tensors), done, total, t.name))
         _pad(fout, writer.data_alignment)
         fout.flush()
         os.fsync(fout.fileno())
@@ -272,6 +296,17 @@ def _write(
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+    return bad
+
+
+def _encode(sl: Slice, t: PlannedTensor) -> tuple[np.ndarray, bool]:
+    """The slice's bytes in the tensor's type, and whether its values are all finite."""
+    if sl.raw is not None:  # already in the output type: copied
+        mask = nonfinite(sl.raw, t.qtype)
+        return sl.raw, mask is None or not bool(mask.any())
+    x = sl.x
+    assert x is not None
+    return quantize(x, t.qtype), all_finite(x)
 
 
 def _pad(fout, alignment: int) -> None:
@@ -282,60 +317,3 @@ def _pad(fout, alignment: int) -> None:
 
 def _write_chunk(fout, raw: np.ndarray) -> None:
     fout.write(memoryview(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)))
-
-
-def _slices(ckpt: Checkpoint, t: PlannedTensor) -> Iterator[tuple[np.ndarray, int]]:
-    """The tensor's float32 data in row order, in slices of at most about CHUNK_ELEMENTS, with input bytes each.
-
-    Each shard is opened (memory-mapped) for this tensor only, so pages read stay mapped one tensor at most.
-    FP8 weights are dequantized slice by slice with the matching rows of their block scales.
-    """
-    kind, sources = t.src.kind, t.src.sources
-    with ExitStack() as stack:
-        files: dict[Path, Any] = {}
-
-        def read(name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-            """Rows [r0, r1) of a source (all of it for None), dequantized if it is fp8."""
-            shard = ckpt.shard_of[name]
-            if shard not in files:
-                files[shard] = stack.enter_context(safe_open(str(shard), framework="pt"))
-            sl = files[shard].get_slice(name)
-            x = sl[:] if rows is None else sl[rows[0] : rows[1]]
-            scale = ckpt.scales.get(name)
-            if scale is not None:
-                x = fp8.dequantize(x, read(scale), ckpt.fp8_block, 0 if rows is None else rows[0])
-            return x
-
-        share = t.in_bytes // max(1, len(sources))
-        if kind == "stack":  # one expert at a time: [out, in] each, stacked along the first axis
-            for s in sources:
-                yield _finite(read(s), s), share
-        elif kind in ("k_b", "v_b"):  # small: split the whole kv_b
-            s = sources[0]
-            yield _finite(build_tensor(t.src, [read(s)], ckpt.args), s), t.in_bytes
-        elif kind in ("fused_gate", "fused_up"):  # transformers-5 fused [n_expert, 2·inter, hidden]
-            s = sources[0]
-            n_exp = t.shape[0]
-            for e in range(n_exp):
-                gate, up = read(s, (e, e + 1))[0].chunk(2, dim=0)
-                yield _finite(gate if kind == "fused_gate" else up, s), t.in_bytes // (2 * n_exp)
-        elif kind == "copy":
-            s = sources[0]
-            shape = t.shape
-            if len(shape) <= 1:
-                yield _finite(read(s), s), t.in_bytes
-                return
-            row = int(np.prod(shape[1:]))
-            step = max(1, CHUNK_ELEMENTS // row)
-            for r in range(0, shape[0], step):
-                n = min(step, shape[0] - r)
-                yield _finite(read(s, (r, r + n)), s), t.in_bytes * n // shape[0]
-        else:
-            raise ValueError(f"unknown tensor kind {kind!r}")
-
-
-def _finite(x: torch.Tensor, source: str) -> np.ndarray:
-    x = x.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
-        raise LiteError(f"weight {source} contains NaN or Inf; the checkpoint is corrupt: re-download or fix it")
-    return x.contiguous().numpy()

@@ -1,4 +1,5 @@
-"""The converter's plan: read and check an HF checkpoint's headers, then choose each GGUF tensor's type.
+"""The converter's plan: read and check an HF checkpoint's headers, then choose each GGUF tensor's type by the
+recipe (`lite/recipes.py`) and the user's overrides.
 
 Nothing here reads weight data: shapes come from the safetensors headers, so a plan (and `--dry-run`) is
 instant even for a large model. `lite/convert.py` streams the weights through the plan.
@@ -19,24 +20,18 @@ from lite import fp8
 from lite.config import ModelArgs
 from lite.errors import LiteError
 from lite.gguf_names import TensorPlan, plan_tensors
-from quant.formats import can_quantize, nbytes
+from lite.recipes import DEFAULT_RECIPE, NO_OVERRIDES, RECIPES, Choice, Overrides, choose, role_of
+from lite.recipes import file_type as recipe_file_type
+from quant.formats import nbytes
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # V3: also R1, Moonlight, Kimi-K2
-EXPERT_TYPES = {"q4_k": Q.Q4_K, "q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
-REST_TYPES = {"q8_0": Q.Q8_0, "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
-OUTTYPES = ("f32", "bf16", "f16", "q8_0")  # one type for every weight (norms and router stay F32)
-# Where a row is not a whole number of blocks: Q4_K → Q4_0 as the issue asks, then F16 as llama.cpp's converter.
-FALLBACK = {Q.Q4_K: Q.Q4_0, Q.Q4_0: Q.F16, Q.Q8_0: Q.F16}
-# The file type that names a recipe: the routed experts hold almost all weights.
-FILE_TYPES = {
-    Q.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
-    Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-    Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
-    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-    Q.F32: gguf.LlamaFileType.ALL_F32,
-}
+# --experts / --rest: any type lite writes; --outtype: one type for every weight (norms and routers stay F32)
+TYPE_NAMES = {
+    "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "q4_0": Q.Q4_0, "q5_0": Q.Q5_0, "q8_0": Q.Q8_0,
+    "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32,
+}  # fmt: skip
+OUTTYPES = ("f32", "bf16", "f16", "q8_0")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1}
 _DTYPE_BYTES |= {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -44,22 +39,16 @@ _DTYPE_BYTES |= {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I
 
 @dataclass
 class PlannedTensor:
-    """One output tensor: how to build it (`src`), its type, and where its sources live."""
+    """One output tensor: its name, shape and type, and what it is made from (`src`)."""
 
-    src: TensorPlan  # name, HF sources, kind ("copy" | "stack" | "k_b" | "v_b" | ...), torch-order shape
+    name: str
+    shape: tuple[int, ...]  # torch order
     qtype: Q
     role: str  # "expert" | "norm" | "router" | "rest"
     wanted: Q  # the recipe's type before any fallback
-    in_bytes: int  # bytes of the HF source tensors
-    shards: tuple[Path, ...]  # the shard of each source
-
-    @property
-    def name(self) -> str:
-        return self.src.name
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.src.shape
+    in_bytes: int  # bytes of the source tensors
+    src: Any  # an HF TensorPlan (sources, kind) or the input GGUF's TensorRef
+    shards: tuple[Path, ...] = ()  # HF: the shard of each source
 
     @property
     def n_elements(self) -> int:
@@ -215,32 +204,43 @@ def expected_shape(name: str, args: ModelArgs) -> tuple[int, ...] | None:
     return table.get(base)
 
 
-def role_of(name: str, shape: tuple[int, ...]) -> str:
-    """Which recipe slot a GGUF tensor falls in."""
-    if name.endswith(("_exps.weight",)):
-        return "expert"
-    if len(shape) <= 1 or name.endswith("_norm.weight"):
-        return "norm"  # llama.cpp keeps 1-D tensors and norms in F32
-    if ".ffn_gate_inp." in name:
-        return "router"  # and the router: routing is sensitive to small errors
-    return "rest"
-
-
-def resolve_types(outtype: str | None, experts: str | None, rest: str | None) -> tuple[Q, Q]:
-    """The experts' and the other weights' types from the user's options (LiteError for unknown names)."""
+def resolve_overrides(
+    recipe: str | None, outtype: str | None, experts: str | None, rest: str | None
+) -> tuple[str, Overrides]:
+    """The recipe and the user's overrides of it (LiteError, naming the flag, for unknown names)."""
+    recipe = (recipe or DEFAULT_RECIPE).lower()
+    if recipe not in RECIPES:
+        raise LiteError(f"unknown --recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     if outtype is not None and outtype.lower() not in OUTTYPES:
         raise LiteError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    base = outtype.lower() if outtype else None
-    e = (experts or base or "q4_k").lower()
-    r = (rest or base or "q8_0").lower()
-    if e not in EXPERT_TYPES:
-        raise LiteError(f"unknown --experts {experts!r}; choose one of {', '.join(EXPERT_TYPES)}")
-    if r not in REST_TYPES:
-        raise LiteError(f"unknown --rest {rest!r}; choose one of {', '.join(REST_TYPES)}")
-    return EXPERT_TYPES[e], REST_TYPES[r]
+    for flag, value in (("--experts", experts), ("--rest", rest)):
+        if value is not None and value.lower() not in TYPE_NAMES:
+            raise LiteError(f"unknown {flag} {value!r}; choose one of {', '.join(TYPE_NAMES)}")
+    base = TYPE_NAMES[outtype.lower()] if outtype else None
+    e = TYPE_NAMES[experts.lower()] if experts else base
+    r = TYPE_NAMES[rest.lower()] if rest else base
+    return recipe, Overrides(e, r)
 
 
-def plan(ckpt: Checkpoint, expert_type: Q, rest_type: Q, legacy_kv_b: bool = False) -> list[PlannedTensor]:
+def plan_types(
+    names_shapes: list[tuple[str, tuple[int, ...]]],
+    recipe: str,
+    overrides: Overrides,
+    n_layers: int,
+    n_expert: int,
+    keep: list[Q | None] | None = None,
+) -> list[tuple[str, Choice]]:
+    """(role, Choice) of every tensor; LiteError when a recipe cannot be applied to a name."""
+    try:
+        choices = choose(recipe, names_shapes, n_layers, n_expert, overrides, keep)
+    except ValueError as e:
+        raise LiteError(f"recipe {recipe}: {e}") from None
+    return [(role_of(n, s), c) for (n, s), c in zip(names_shapes, choices)]
+
+
+def plan(
+    ckpt: Checkpoint, recipe: str = DEFAULT_RECIPE, overrides: Overrides = NO_OVERRIDES, legacy_kv_b: bool = False
+) -> list[PlannedTensor]:
     """Every output tensor in file order, with its type; checks every shape against config.json."""
     args = ckpt.args
     tie = bool(ckpt.config.get("tie_word_embeddings", False))
@@ -256,18 +256,15 @@ def plan(ckpt: Checkpoint, expert_type: Q, rest_type: Q, legacy_kv_b: bool = Fal
                 legacy.append(p)
         srcs = legacy
     _check_shapes(ckpt, srcs)
+    types = plan_types([(p.name, p.shape) for p in srcs], recipe, overrides, args.num_hidden_layers,
+                       args.n_routed_experts)  # fmt: skip
     out = []
-    for p in srcs:
-        role = role_of(p.name, p.shape)
-        wanted = {"expert": expert_type, "rest": rest_type}.get(role, Q.F32)
-        qtype = wanted
-        while not can_quantize(p.shape, qtype):
-            qtype = FALLBACK[qtype]
+    for p, (role, c) in zip(srcs, types):
         in_bytes = sum(_n(ckpt.shapes[s]) * _DTYPE_BYTES.get(ckpt.dtypes[s], 4) for s in p.sources)
         if p.kind == "v_b":
             in_bytes = 0  # k_b and v_b share one source; count its bytes once (with k_b)
         shards = tuple(ckpt.shard_of[s] for s in p.sources)
-        out.append(PlannedTensor(p, qtype, role, wanted, in_bytes, shards))
+        out.append(PlannedTensor(p.name, p.shape, c.qtype, role, c.wanted, in_bytes, p, shards))
     return out
 
 
@@ -317,11 +314,12 @@ def _required_names(args: ModelArgs, legacy_kv_b: bool, tied: bool) -> list[str]
     return names
 
 
-def file_type(tensors: list[PlannedTensor]) -> gguf.LlamaFileType:
-    """general.file_type: named after the routed experts' type (or the largest tensor's when there are none)."""
+def file_type(tensors: list[PlannedTensor], recipe: str, overrides: Overrides) -> gguf.LlamaFileType:
+    """general.file_type: a llama.cpp recipe's own, else named after the routed experts' type (or the largest
+    tensor's when there are none)."""
     experts = [t for t in tensors if t.role == "expert"]
-    main = max(experts or tensors, key=lambda t: t.n_elements).wanted
-    return FILE_TYPES.get(main, gguf.LlamaFileType.GUESSED)
+    main = max(experts or tensors, key=lambda t: t.n_elements).wanted if tensors else None
+    return recipe_file_type(recipe, overrides, main)
 
 
 def _n(shape: tuple[int, ...]) -> int:

@@ -20,7 +20,9 @@ from quant.errors import LiteError
 
 Q = gguf.GGMLQuantizationType
 
-SUPPORTED_QTYPES: tuple[Q, ...] = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+SUPPORTED_QTYPES: tuple[Q, ...] = (
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K
+)  # fmt: skip
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SLOT_ALIGN = 16
 

@@ -1,9 +1,11 @@
-"""GGML block formats: dequantize in vectorised torch (CPU or CUDA), quantize in numpy.
+"""GGML block formats: dequantize in vectorised torch (CPU or CUDA), quantize natively.
 
 `dequantize` is bit-identical to `gguf.quants.dequantize`: every float operation below is the same single-rounded
 float32 multiply or add, in the same order, as in gguf's numpy code (no fused multiply-add), so results match
-bit for bit. Quantization delegates to `gguf.quants.quantize` where it implements a type, so our bytes are its
-bytes; Q4_K (which gguf cannot quantize) follows llama.cpp's `quantize_row_q4_K_ref`, in `quant/kquants.py`.
+bit for bit. `quantize` runs llama.cpp's reference quantizers in C++ (`quant/native.py`, `quant/csrc/quantize_*`),
+multi-threaded: llama.cpp's bytes, which are also gguf-py's bytes for the types gguf-py implements (Q8_0, Q4_0,
+Q4_1, Q5_0, Q5_1; the K-quants are checked against a numpy port of the reference in the tests). Without the
+native extension (no compiler) the 32-value types fall back to gguf-py's numpy code and the K-quants are refused.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import numpy as np
 import torch
 
 from quant.errors import LiteError
-from quant.kquants import quantize_q4_k
 
 Q = gguf.GGMLQuantizationType
 QK_K = 256
 
-READ_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-WRITE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K)
+READ_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+WRITE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
 
 def block_size(qtype: Q) -> int:
@@ -101,6 +103,13 @@ def _dq_q5_0(b: torch.Tensor) -> torch.Tensor:
     return _f16(b, 0) * ((lo | (hi << 4)).to(torch.int8) - 16).float()
 
 
+def _dq_q5_1(b: torch.Tensor) -> torch.Tensor:
+    qh = b[:, 4:8].contiguous().view(torch.int32).reshape(-1)
+    hi = _bit_fields(qh, range(32), 1, dim=1).to(torch.uint8)
+    lo = _nibbles(b[:, 8:], 16).reshape(b.shape[0], 32)
+    return _f16(b, 0) * (lo | (hi << 4)).float() + _f16(b, 2)
+
+
 def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack the 12 bytes of 6-bit (scale, min) pairs of Q4_K/Q5_K into two [n, 8] tensors."""
     d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
@@ -144,6 +153,7 @@ _DEQUANT_BLOCKS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.Q4_0: _dq_q4_0,
     Q.Q4_1: _dq_q4_1,
     Q.Q5_0: _dq_q5_0,
+    Q.Q5_1: _dq_q5_1,
     Q.Q4_K: _dq_q4_k,
     Q.Q5_K: _dq_q5_k,
     Q.Q6_K: _dq_q6_k,
@@ -181,8 +191,12 @@ def dequantize(raw: np.ndarray | torch.Tensor, qtype: Q, shape: Sequence[int]) -
 # quantize
 
 
-def quantize(x: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 array (torch-order shape, rows last) -> GGML bytes, uint8 [..., bytes per row]."""
+def quantize(x: np.ndarray | torch.Tensor, qtype: Q) -> np.ndarray:
+    """float32 array (torch-order shape, rows last) -> GGML bytes, uint8 [..., bytes per row].
+
+    Float types round to nearest even (as gguf-py and llama.cpp); block types use llama.cpp's reference
+    quantizers (see the module docstring). A torch tensor input avoids a copy on the way to the native code.
+    """
     qtype = Q(qtype)
     if qtype not in WRITE_TYPES:
         raise LiteError(
@@ -192,8 +206,16 @@ def quantize(x: np.ndarray, qtype: Q) -> np.ndarray:
         raise LiteError(
             f"rows of length {x.shape[-1]} are not a multiple of {qtype.name}'s block of {block_size(qtype)}"
         )
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if qtype == Q.Q4_K:
-        return quantize_q4_k(x)
-    out = gguf.quants.quantize(x, qtype)
-    return np.ascontiguousarray(out).view(np.uint8).reshape(*x.shape[:-1], -1)
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    t = t.float().contiguous()
+    if qtype in FLOAT_TYPES:
+        out = t.to({Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}[qtype])
+        return out.view(torch.uint8).reshape(*t.shape[:-1], -1).numpy()
+    from quant import native
+
+    if native.available():
+        return native.quantize(t, int(qtype)).numpy()
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        raise LiteError(f"cannot write {qtype.name} without the native extension ({native.build_error()})")
+    out = gguf.quants.quantize(t.numpy(), qtype)
+    return np.ascontiguousarray(out).view(np.uint8).reshape(*t.shape[:-1], -1)

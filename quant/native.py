@@ -7,7 +7,11 @@ first use into torch's extension cache (TORCH_EXTENSIONS_DIR) with ninja; the AV
 chosen at run time from the CPU's features. If compilation fails, `available()` is False and callers fall
 back to torch.
 
-Set LITE_NATIVE_ISA=scalar|avx2|avx512 to cap the instruction set (for tests and comparisons).
+The same extension holds the block quantizers (`quantize`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K with
+llama.cpp's reference algorithms, byte for byte; see quant/csrc/quant_blocks.h) used by the converter.
+
+Set LITE_NATIVE_ISA=scalar|avx2|avx512 to cap the instruction set (for tests and comparisons; `scalar` also
+runs the K-quant searches in their baseline build).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from quant.errors import LiteError
 
 __all__ = [
     "ISAS",
+    "all_finite",
+    "QUANTIZE_QTYPES",
     "SUPPORTED_QTYPES",
     "as_raw",
     "available",
@@ -31,14 +37,25 @@ __all__ = [
     "build_error",
     "gguf_matmul",
     "moe_ffn",
+    "quantize",
     "quantize_acts",
 ]
 
 # gguf.GGMLQuantizationType ids the kernels read
 SUPPORTED_QTYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+# ... and the ids the quantizers write (llama.cpp's reference algorithms, byte for byte)
+QUANTIZE_QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 
-_SOURCES = ["ops.cpp", "kernels_scalar.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp"]
+_SOURCES = [
+    "ops.cpp",
+    "kernels_scalar.cpp",
+    "kernels_avx2.cpp",
+    "kernels_avx512.cpp",
+    "quantize_ops.cpp",
+    "quantize_legacy.cpp",
+    "quantize_kquants.cpp",
+]
 _CSRC = Path(__file__).with_name("csrc")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -124,6 +141,26 @@ def gguf_matmul(
         x2 = x2.float()
     y = torch.ops.lite_gguf.matmul(x2, raw, int(qtype), int(N), int(K), _isa_level(isa))
     return y if x.dim() == 2 else y.reshape(*lead, int(N))
+
+
+def quantize(x: torch.Tensor, qtype: int) -> torch.Tensor:
+    """float32 [..., K] -> GGML blocks uint8 [..., K / block * block bytes], for the types in QUANTIZE_QTYPES.
+
+    llama.cpp's reference quantizers (`quantize_row_*_ref`, no importance matrix): the same bytes as llama.cpp
+    and as gguf-py's numpy quantizers, computed over torch's intra-op threads.
+    """
+    if not available():
+        raise LiteError("native kernels unavailable: " + str(build_error()))
+    x = x.float()
+    out = torch.ops.lite_gguf.quantize(x, int(qtype))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of a float32 CPU tensor is finite (no NaN, no Inf), in one multi-threaded pass."""
+    if not available():
+        return bool(torch.isfinite(x).all())
+    return bool(torch.ops.lite_gguf.all_finite(x))
 
 
 def quantize_acts(x: torch.Tensor, q8_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ _F16 = tl.constexpr(1)
 _Q4_0 = tl.constexpr(2)
 _Q4_1 = tl.constexpr(3)
 _Q5_0 = tl.constexpr(6)
+_Q5_1 = tl.constexpr(7)
 _Q8_0 = tl.constexpr(8)
 _Q4_K = tl.constexpr(12)
 _Q5_K = tl.constexpr(13)
@@ -144,6 +145,16 @@ def _tile_q5_0(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _tile_q5_1(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
+    blk, j, i, gm = _groups(rmask, k0, K, 32, 24, 32, BLOCK_K // 32)
+    d = _f16(rows, blk, gm)
+    m = _f16(rows, blk + 2, gm)
+    qh = _u8(rows[:, None, None] + (blk[:, None] + 4 + (i >> 3))[None], gm[:, :, None])
+    q = _nibble32(rows, blk, i, gm, 8) | (((qh >> (i & 7)[None]) & 1) << 4)
+    return d[:, :, None] * q.to(tl.float32) + m[:, :, None]
+
+
+@triton.jit
 def _tile_q4_k(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
     blk, j, i, gm = _groups(rmask, k0, K, 256, 144, 32, BLOCK_K // 32)
     sc, mn = _k_scale_min(rows, blk, j, gm)
@@ -212,6 +223,8 @@ def dequant_tile(rows, rmask, k0, K, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
             w3 = _tile_q4_1(rows, rmask, k0, K, BLOCK_K)
         elif QTYPE == _Q5_0:
             w3 = _tile_q5_0(rows, rmask, k0, K, BLOCK_K)
+        elif QTYPE == _Q5_1:
+            w3 = _tile_q5_1(rows, rmask, k0, K, BLOCK_K)
         elif QTYPE == _Q4_K:
             w3 = _tile_q4_k(rows, rmask, k0, K, BLOCK_K)
         elif QTYPE == _Q5_K:
@@ -267,7 +280,9 @@ def accumulate(acc, x, w, USE_DOT: tl.constexpr):
 def aligned_rows(base, rn, row_bytes, QTYPE: tl.constexpr):
     """uint8 pointers [BLOCK_N] to rows rn of a matrix at `base` with rows of row_bytes, written so that the compiler
     knows each row is as aligned as `base` up to gcd(16, block bytes), which divides every row stride of the type."""
-    A: tl.constexpr = 16 if QTYPE == _Q4_K or QTYPE == _Q5_K else 4 if QTYPE == _Q4_1 or QTYPE == _F32 else 2
+    A: tl.constexpr = (
+        16 if QTYPE == _Q4_K or QTYPE == _Q5_K else 8 if QTYPE == _Q5_1 else 4 if QTYPE == _Q4_1 or QTYPE == _F32 else 2
+    )
     return base + rn.to(tl.int64) * (row_bytes // A) * A
 
 
@@ -420,10 +435,12 @@ def gemv(x_row, stride_xm, m_left, rows, K, QTYPE: tl.constexpr, BLOCK_M: tl.con
     the type's block): unmasked steps, then one masked step for the rest of K if any."""
     # QK columns in TS bytes per block; the tile of a step is [BLOCK_N, NB, R, L]
     FLOAT: tl.constexpr = QTYPE == _F32 or QTYPE == _F16 or QTYPE == _BF16
-    B32: tl.constexpr = QTYPE == _Q8_0 or QTYPE == _Q4_0 or QTYPE == _Q4_1 or QTYPE == _Q5_0
+    B32: tl.constexpr = QTYPE == _Q8_0 or QTYPE == _Q4_0 or QTYPE == _Q4_1 or QTYPE == _Q5_0 or QTYPE == _Q5_1
     tl.static_assert(FLOAT or B32 or QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K, "unsupported GGUF type")
     QK: tl.constexpr = 1 if FLOAT else 32 if B32 else 256
-    TS32: tl.constexpr = 34 if QTYPE == _Q8_0 else 18 if QTYPE == _Q4_0 else 20 if QTYPE == _Q4_1 else 22
+    TS32: tl.constexpr = (
+        34 if QTYPE == _Q8_0 else 18 if QTYPE == _Q4_0 else 20 if QTYPE == _Q4_1 else 22 if QTYPE == _Q5_0 else 24
+    )
     TS256: tl.constexpr = 144 if QTYPE == _Q4_K else 176 if QTYPE == _Q5_K else 210
     TS: tl.constexpr = (4 if QTYPE == _F32 else 2) if FLOAT else TS32 if B32 else TS256
     R: tl.constexpr = 4 if QK == 256 else 1
@@ -520,6 +537,13 @@ def _gemv_step(acc, x_row, stride_xm, m_left, rows, K, k0, QTYPE: tl.constexpr, 
                 qs = _field(blocks, bm, 4 + r, 16, MASKED)
                 w_lo = d * _exact(qs & 15, 0.0) + m
                 w_hi = (d * 0.0625) * _exact(qs & 0xF0, 0.0) + m
+            elif QTYPE == _Q5_1:
+                # d, m, then qh (the little-endian uint32 at byte 4, bit i the 5th bit of column i), then qs
+                m = _half(_u16s(blocks, bm, 2, MASKED))
+                sh = tl.arange(0, 16)[None, None, None, :]
+                qs = _field(blocks, bm, 8 + r, 16, MASKED)
+                w_lo = d * _exact((qs & 15) | (((_u16s(blocks, bm, 4, MASKED) >> sh) & 1) << 4), 0.0) + m
+                w_hi = (d * 0.0625) * _exact((qs & 0xF0) | (((_u16s(blocks, bm, 6, MASKED) >> sh) & 1) << 8), 0.0) + m
             else:
                 tl.static_assert(QTYPE == _Q5_0, "unsupported GGUF type")
                 # qh: the little-endian uint32 at byte 2 (2-byte aligned: two halves), bit i the 5th bit of column i.

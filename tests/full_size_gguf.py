@@ -1,17 +1,14 @@
 """Full-size DeepSeek-V2 / V2-Lite / V3 GGUF files that cost no disk: a real header, metadata and tensor infos, then the
 file truncated to its full length (sparse: the tensor data reads as zeros and occupies no blocks).
 
-The tensor types follow the community Q4_K_M files (llama.cpp's `llama-quantize ... Q4_K_M` on a deepseek2 model).
-Our assumption of `llama_tensor_get_type` for deepseek2 at Q4_K_M (written from its rules, not checked against a
-real file byte for byte):
-- the default type is Q4_K (token_embd, attention, dense and shared FFN, routed gate/up);
-- `output.weight` is Q6_K;
-- `ffn_down`, `ffn_down_shexp`, `ffn_down_exps` and the attn_v-like `attn_v_b` are Q6_K on the "more bits" layers,
-  use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2 (integer division, n = block_count), else Q4_K;
-- a K-quant on a row (GGUF ne0) that is not a multiple of 256 falls back: Q4_K -> Q5_0, Q6_K -> Q8_0
-  (V2-Lite's `ffn_down_exps` rows of 1408 and dense `ffn_down` rows of 10944, every `attn_k_b` row of 128);
-- 1-D tensors (norms, V3's router bias `exp_probs_b.bias`) and the routers `ffn_gate_inp` stay F32;
-- attention in the split `attn_k_b` (n_head, kv_lora, nope) / `attn_v_b` (n_head, v, kv_lora) layout.
+The tensor types are llama.cpp's Q4_K_M choice for deepseek2 (`llama-quantize ... Q4_K_M`), from `lite.recipes`
+(the converter's `--recipe q4_k_m`, which follows llama.cpp's `llama_tensor_get_type`): Q4_K by default;
+`output.weight` Q6_K; `ffn_down`, `ffn_down_shexp` and `ffn_down_exps` Q6_K on the "more bits" layers
+(use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2, n = block_count); a K-quant on a row (GGUF
+ne0) that is not a multiple of 256 falls back Q4_K -> Q5_0, Q6_K -> Q8_0 (V2-Lite's `ffn_down_exps` rows of 1408
+and dense `ffn_down` rows of 10944, every `attn_k_b` row of 128); 1-D tensors (V3's router bias `exp_probs_b.bias`
+too) and the routers stay F32. The split
+`attn_k_b` / `attn_v_b` are not attn_v-like for llama.cpp (only `attn_kv_b` is), so they stay Q4_K (Q5_0).
 Shapes are in torch order (rows first; an expert stack is (n_expert, out, in)); GGUF stores the dims reversed.
 """
 
@@ -25,6 +22,9 @@ import gguf
 import numpy as np
 
 from lite.config import add_metadata, gguf_metadata_from_hf
+from lite.recipes import choose, use_more_bits
+
+__all__ = ["CONFIGS", "MOSTLY_Q4_K_M", "tensor_shapes", "tensor_types", "use_more_bits", "write_full_size_gguf"]
 
 Q = gguf.GGMLQuantizationType
 
@@ -117,27 +117,7 @@ V3_CONFIG: dict[str, Any] = dict(
 )
 CONFIGS = {"v2": V2_CONFIG, "lite": LITE_CONFIG, "v3": V3_CONFIG}
 NAMES = {"v2": "DeepSeek-V2-Chat", "lite": "DeepSeek-V2-Lite-Chat", "v3": "DeepSeek-V3"}
-FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0}  # a K-quant on a row that is not a multiple of 256
 MOSTLY_Q4_K_M = 15  # llama_ftype LLAMA_FTYPE_MOSTLY_Q4_K_M (general.file_type)
-
-
-def use_more_bits(i: int, n: int) -> bool:
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
-def q4_k_m_type(name: str, shape: tuple[int, ...], layer: int | None, n_layers: int) -> Q:
-    """The type of tensor `name` (torch-order `shape`) in a community Q4_K_M file (see the module docstring)."""
-    if len(shape) == 1 or name.endswith("ffn_gate_inp.weight"):
-        return Q.F32
-    qtype = Q.Q4_K
-    if name == "output.weight":
-        qtype = Q.Q6_K
-    elif layer is not None and use_more_bits(layer, n_layers):
-        if ".ffn_down" in name or name.endswith("attn_v_b.weight"):
-            qtype = Q.Q6_K
-    if shape[-1] % 256:
-        qtype = FALLBACK[qtype]
-    return qtype
 
 
 def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
@@ -194,13 +174,9 @@ def nbytes(shape: tuple[int, ...], qtype: Q) -> int:
 
 def tensor_types(cfg: dict[str, Any]) -> dict[str, tuple[Q, tuple[int, ...], int]]:
     """{name: (qtype, torch-order shape, nbytes)} of the Q4_K_M file for `cfg`."""
-    L = cfg["num_hidden_layers"]
-    out = {}
-    for name, shape in tensor_shapes(cfg):
-        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
-        qtype = q4_k_m_type(name, shape, layer, L)
-        out[name] = (qtype, shape, nbytes(shape, qtype))
-    return out
+    shapes = tensor_shapes(cfg)
+    choices = choose("q4_k_m", shapes, cfg["num_hidden_layers"], cfg["n_routed_experts"])
+    return {name: (c.qtype, shape, nbytes(shape, c.qtype)) for (name, shape), c in zip(shapes, choices)}
 
 
 def write_full_size_gguf(path: os.PathLike[str] | str, model: str = "lite") -> Path:

@@ -120,7 +120,7 @@ def test_recipe_options(hf_lite, tmp_path, options, expert_type, rest_type):
 
 
 def test_unknown_recipe_names(hf_lite, tmp_path):
-    for bad in (dict(experts="q2_k"), dict(rest="q4_k"), dict(outtype="q4_k")):
+    for bad in (dict(experts="q2_k"), dict(rest="q3_k"), dict(outtype="q4_k"), dict(recipe="q3_k_m")):
         with pytest.raises(LiteError, match="choose one of"):
             convert(hf_lite, tmp_path / "x.gguf", **bad)
 

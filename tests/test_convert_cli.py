@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,9 @@ def test_convert_prints_summary_and_next_command(converted):
     assert "routed experts 4.50 bits/weight" in r.stdout and "bits/weight overall" in r.stdout
     assert "blk.1.ffn_down_exps.weight: Q4_K → Q4_0" in r.stdout  # the fallback is reported
     assert "input 7.6 MB → output" in r.stdout and "tokenizer: none" in r.stdout
-    assert r.stdout.strip().splitlines()[-1] == f"next: lite chat '{out}'"
+    *_, next_line, last = r.stdout.strip().splitlines()
+    assert next_line == f"next: lite chat '{out}'"
+    assert re.fullmatch(r"done in \d+\.\d s: \d+\.\d MB, \d\.\d\d bits/weight, peak RSS \d+\.\d\d GiB", last), last
 
 
 def test_refuses_overwrite_then_dry_run(converted, hf_lite):

@@ -82,17 +82,17 @@ def test_disk_full_mid_file(hf_lite, tmp_path, lite, monkeypatch):
 
 
 def test_unreadable_checkpoint(hf_lite, tmp_path, lite, monkeypatch):
-    from lite import convert
+    from lite import convert_sources
 
     shard = next(hf_lite.glob("*.safetensors"))
 
     def refuse(path, framework):
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(convert, "safe_open", refuse)
+    monkeypatch.setattr(convert_sources, "safe_open", refuse)
     r = lite("convert", str(hf_lite), "-o", str(tmp_path / "m.gguf"), check=False)
     assert (r.returncode, r.stderr.strip()) == (
-        2, f"error: cannot read {shard}: Permission denied; check the checkpoint folder and its permissions"
+        2, f"error: cannot read {shard}: Permission denied; check the input and its permissions"
     )  # fmt: skip
     assert leftovers(tmp_path) == []
 

@@ -94,12 +94,12 @@ def test_a_type_the_device_kernels_lack_is_refused_by_name(files, tmp_path):
     import gguf
     from retype_gguf import retype
 
-    q5_1 = gguf.GGMLQuantizationType.Q5_1
+    tq2_0 = gguf.GGMLQuantizationType.TQ2_0  # the kernels cover every type lite reads; a ternary one they lack
     bad = retype(
-        files["mixed"], tmp_path / "q5_1.gguf", lambda ref: q5_1 if ref.name == "blk.2.ffn_up_exps.weight" else None
+        files["mixed"], tmp_path / "tq2_0.gguf", lambda ref: tq2_0 if ref.name == "blk.2.ffn_up_exps.weight" else None
     )
     code = "import lite, sys\ntry:\n    lite.load(sys.argv[1], device='cpu')\nexcept lite.LiteError as e:\n    print(e)"
     env = {**os.environ, "LITE_DEVICE_KERNELS": "triton", "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code, str(bad)], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
-    assert "tensor blk.2.ffn_up_exps.weight has type Q5_1, which the device kernels cannot multiply" in out.stdout
+    assert "tensor blk.2.ffn_up_exps.weight has type TQ2_0, which the device kernels cannot multiply" in out.stdout
