@@ -20,6 +20,7 @@ busy / idle, and the thread counts the default used. Variants rotate their order
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -92,14 +93,14 @@ def run_child(variant: str, seconds: float, timeout: float) -> dict:
 
 
 def child(seconds: float, threads: int | None) -> None:
-    import cli.main  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads, as the `lite` command does)
+    entry = importlib.import_module("cli.main")  # first: it sets OMP_WAIT_POLICY before torch loads, as `lite` does
     import torch
     from rich.console import Console
 
     from cli import common
     from lite.threads import governor
 
-    args = cli.main.build_parser().parse_args(["bench", *(["-t", str(threads)] if threads else [])])
+    args = entry.build_parser().parse_args(["bench", *(["-t", str(threads)] if threads else [])])
     model, _ = common.load_model(args, Console(quiet=True), ctx=160)
     gov = governor()
     session = model.session(160)
@@ -176,7 +177,7 @@ def main() -> None:
 
     print(f"\ndemo model decode, {a.rounds} rounds x {a.seconds:g} s per cell; load average at start "
           f"{load0[0]:.2f} (1 min); {os.cpu_count()} CPUs; {elapsed:.0f} s in all")  # fmt: skip
-    print("| threads | idle tok/s | busy tok/s (2-thread torch matmul job beside) | busy / idle | idle / idle of default |")
+    print("| threads | idle tok/s | busy tok/s (a 2-thread torch matmul job beside) | busy / idle | idle vs default |")
     print("| --- | ---: | ---: | ---: | ---: |")
     base = med("default", "idle") if "default" in variants else float("nan")
     for v in variants:
