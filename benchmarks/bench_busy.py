@@ -4,9 +4,10 @@ For each round, first on the machine as it is ("idle") and then while a backgrou
 matmuls ("busy"; started and stopped by this script, with default OpenMP settings, as any torch program has
 them), each variant decodes the bundled demo model in its own process for `--seconds` of decode time:
 
-- `default`: `lite`'s default threads (OMP_WAIT_POLICY=PASSIVE, thread count following the free cores);
-- `-t 1`, `-t 2`: fixed counts (with the passive wait);
-- `before`: what the default was before (LITE_THREADS=torch: torch's thread count and its spinning waits).
+- `default`: `lite`'s default threads (the count follows the free cores: lite/threads.py);
+- `-t 1`, `-t 2`: fixed counts;
+- `before`: what the default was before (LITE_THREADS=torch: torch's thread count, the physical cores);
+- `passive` (only when named in --variants): `-t 2` with OMP_WAIT_POLICY=PASSIVE (waiting threads sleep).
 
 Each child loads the model through the CLI's own code (`cli.main` first, so the environment is set before torch
 loads, then `cli.common.load_model`), then runs chat-like turns: reset, prefill 16 tokens, decode up to 128
@@ -36,7 +37,9 @@ VARIANTS = {
     "-t 1": (["-t", "1"], {}),
     "-t 2": (["-t", "2"], {}),
     "before": ([], {"LITE_THREADS": "torch"}),
+    "passive": (["-t", "2"], {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
+DEFAULT_VARIANTS = ("default", "-t 1", "-t 2", "before")
 BUSY_JOB = """
 import sys, time
 import torch
@@ -93,7 +96,7 @@ def run_child(variant: str, seconds: float, timeout: float) -> dict:
 
 
 def child(seconds: float, threads: int | None) -> None:
-    entry = importlib.import_module("cli.main")  # first: it sets OMP_WAIT_POLICY before torch loads, as `lite` does
+    entry = importlib.import_module("cli.main")  # the `lite` command's own code path
     import torch
     from rich.console import Console
 
@@ -140,7 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0, help="decode time per variant and condition (3)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("-t", type=int, default=None, help=argparse.SUPPRESS)

@@ -8,25 +8,11 @@ exits 1; Ctrl+C exits 130.
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
-
-
-def wait_passively(environ: dict[str, str] | None = None) -> None:
-    """OpenMP threads that wait sleep instead of spinning, so lite and another multi-threaded program on the same
-    cores do not starve each other (lite/threads.py has the story and the numbers). libgomp reads this once, when
-    torch loads it, so it is set here, before anything imports torch (importing `lite` does). A user's own
-    OMP_WAIT_POLICY wins; LITE_THREADS=torch leaves torch's defaults."""
-    env = os.environ if environ is None else environ
-    if env.get("LITE_THREADS", "auto").strip().lower() != "torch":
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-wait_passively()
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import sys  # noqa: E402
-import traceback  # noqa: E402
+import sys
+import traceback
 
 COMMANDS = {
     "chat": "Chat with a model in the terminal",

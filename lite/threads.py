@@ -1,23 +1,26 @@
 """CPU threads that survive a busy machine.
 
 torch's CPU kernels, and lite's native ones (`at::parallel_for`), run on OpenMP threads (GNU libgomp). Every
-parallel region ends in a barrier that waits for its slowest thread, and by default a waiting thread spins.
-When another multi-threaded program wants the same cores, a region finishes only once the scheduler has given
-each of its threads a turn, and the spinning threads burn the very time slices the others need: decode of the
-demo model fell from ~1,200 to 5–70 tokens/s beside a 2-thread torch job, while one thread kept ~950.
+parallel region ends in a barrier that waits for its slowest thread, and a waiting thread spins (~7 ms) before
+it sleeps. When another multi-threaded program wants the same cores, a region finishes only once the scheduler
+has given each of its threads a turn, and the spinning threads burn the very time slices the others need:
+decode of the demo model fell from ~1,200 to 5-70 tokens/s beside a 2-thread torch job, while one thread kept
+several hundred.
 
-Two remedies, both on by default in the `lite` command (`cli/main.py`):
+`ThreadGovernor` (`auto()` installs one for the process; the `lite` command does unless -t, OMP_NUM_THREADS or
+LITE_THREADS=torch say otherwise): torch's thread count follows the cores that other processes leave free. It
+compares the busy time of the CPUs this process may use with its own CPU time, over the time since its last
+look, and re-checks at most every `interval` seconds from `tick()`, which every `Session.feed` calls (between
+two forward passes, in the thread that runs them: under OpenMP the thread count belongs to the calling
+thread). One look costs ~0.1 ms (it reads /proc/stat). On an idle machine it keeps torch's count, so idle
+speed is unchanged; beside another job it drops to the free cores, where no barrier waits for a thread that
+the scheduler has parked.
 
-- `OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep at once instead of spinning ~7 ms), which `cli/main.py`
-  puts into the environment at its very top (a user's own setting wins): libgomp reads it once, when torch
-  loads it, and importing anything from `lite` already imports torch.
-- `ThreadGovernor` (`auto()` installs one for the process): torch's thread count follows the cores that other
-  processes leave free. It compares the busy time of the CPUs this process may use with its own CPU time, over
-  the time since its last look, and re-checks at most every `interval` seconds, from `tick()`, which every
-  `Session.feed` calls (between two forward passes, in the thread that runs them: torch's thread count belongs
-  to the calling thread under OpenMP). One look costs ~0.1 ms (it reads /proc/stat).
-
-`LITE_THREADS=torch` in the environment turns both off (torch's own defaults, as before), for comparisons.
+Not done: a passive wait (`OMP_WAIT_POLICY=PASSIVE`, which must be in the environment before torch loads).
+Waiting threads then sleep at once, which saves a busy machine's -t 2 from collapse (5-90 -> 150-770 tok/s
+there), but each parallel region then pays a futex wake-up: on an idle machine 2-thread decode of the demo
+model ran at 0.34x its spinning speed (0.70x with GOMP_SPINCOUNT=1000, 0.99x with 10000, which no longer
+helps when busy); see benchmarks/README.md, "Busy machine". A user can still set it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import NamedTuple
 import psutil
 import torch
 
-OFF_SWITCH = "LITE_THREADS"  # LITE_THREADS=torch: torch's defaults (spinning waits, its thread count)
+OFF_SWITCH = "LITE_THREADS"  # LITE_THREADS=torch: torch's own thread count, no governor
 
 
 def enabled(environ: dict[str, str] | None = None) -> bool:
