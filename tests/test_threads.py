@@ -111,3 +111,22 @@ def test_governor_sees_other_processes(monkeypatch):
         for h in hogs:
             h.kill()
             h.wait()
+
+
+def test_lite_bench_follows_the_free_cores_by_default(lite, monkeypatch):
+    from cli.common import DEFAULT_MODEL
+
+    if not DEFAULT_MODEL.is_file():
+        pytest.skip("the bundled demo model is missing")
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LITE_THREADS", raising=False)
+    try:
+        out = lite("bench", "-p", "8", "-n", "8", "-r", "1").stdout
+        assert "(following the free cores)" in out
+        assert threads.governor() is not None and 1 <= threads.governor().threads <= threads.governor().most
+        out = lite("bench", "-p", "8", "-n", "8", "-r", "1", "-t", "1").stdout
+        assert "1 repetitions, 1 thread" in out and "following" not in out and threads.governor() is None
+    finally:
+        threads.fixed()
+        torch.set_num_threads(before)
