@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lite.errors import LiteError
+from offload import sizes
 
 DEFAULT_CTX = 4096
 MIN_CTX = 8
@@ -36,16 +37,7 @@ _FLAGS = [
 
 def parse_size(text: str | None, flag: str) -> int | None:
     """Bytes from "1048576", "512MiB", "1.5 GiB", "8GB" (K/M/G/T with iB: 1024-based, with B: 1000-based)."""
-    if text is None:
-        return None
-    m = _SIZE.match(text.strip().upper())
-    if m is None:
-        raise LiteError(f"{flag} takes bytes or a size such as 6GiB, 512MiB or 8GB, got {text!r}")
-    number, unit, binary = m.groups()
-    if unit is None and "." in number:
-        raise LiteError(f"{flag} {text} is a fraction of a byte; give whole bytes or a unit such as 1.5GiB")
-    value = float(number) if "." in number else int(number)
-    return int(value * (1024 if binary else 1000) ** _UNITS[unit or ""])
+    return None if text is None else sizes.parse_size(str(text), flag)
 
 
 def flag_names(message: str, ctx_flag: str = "-c") -> str:

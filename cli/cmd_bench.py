@@ -12,6 +12,7 @@ from rich.table import Table
 from cli import budget, common
 from lite.bench import bench
 from lite.errors import LiteError
+from lite.threads import governor
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -78,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, default=str))
         return 0
     console.print(common.header_line(path, model, ctx), style="bold", soft_wrap=True)
-    table = Table(title=f"{args.repetitions} repetitions, {result['threads']} threads")
+    used = sorted({r["threads"] for r in result["runs"]}) or [result["threads"]]
+    count = f"{used[0]}" if len(used) == 1 else f"{used[0]}–{used[-1]}"
+    how = "" if args.threads is not None or governor() is None else " (following the free cores)"
+    table = Table(title=f"{args.repetitions} repetitions, {count} thread{'s' if used[-1] > 1 else ''}{how}")
     for col in ("test", "median", "spread (min – max)", "unit"):
         table.add_column(col, justify="right" if col != "test" else "left")
     table.add_row(f"pp{args.n_prompt}", *fmt(result["pp_tps"]), "tok/s")

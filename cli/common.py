@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from lite import threads
 from lite.errors import LiteError
 from lite.sampling import SamplingParams, check
 
@@ -109,7 +110,11 @@ def add_context_arg(p: argparse.ArgumentParser, help_default: str = "4096 or the
 def add_offload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory (where the routed experts live; see `lite plan`)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (%(default)s)")
-    g.add_argument("-t", "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's, the cores)")
+    g.add_argument(
+        "-t", "--threads", type=int, metavar="N",
+        help="CPU threads (default: the cores that other programs leave free, up to the physical cores; re-checked "
+        "every 0.5 s)",
+    )  # fmt: skip
     g.add_argument(
         "--gpu-mem", metavar="SIZE",
         help="device memory budget: bytes, or e.g. 6GiB, 500MB (default: free memory - reserve)",
@@ -185,11 +190,7 @@ def load_model(
     from cli import budget
 
     path = resolve_model(args.model)
-    if getattr(args, "threads", None) is not None:
-        most = 4 * (os.cpu_count() or 1)  # far more OpenMP threads than cores crashes torch (100000: SIGSEGV)
-        if not 1 <= args.threads <= most:
-            raise LiteError(f"-t/--threads must be from 1 to {most} (4 x the CPU count), got {args.threads}")
-        torch.set_num_threads(args.threads)
+    governor = set_threads(getattr(args, "threads", None))
     sizes = budget.model_sizes(path, budget.planner_device(args.device))
     requested = ctx if ctx is not None else getattr(args, "ctx_size", None)
     options = budget.offload_options(args, sizes)
@@ -199,7 +200,25 @@ def load_model(
             model = lite.load(str(path), device=args.device, **options)
         except LiteError as e:  # the planner's option names -> the flags the user typed
             raise LiteError(budget.flag_names(str(e), "--ctx" if ctx_flag == "--ctx" else "-c")) from None
+    if governor is not None:
+        governor.update(wait=True)  # the first decision, from what the machine did while the model loaded
     return model, path
+
+
+def set_threads(n: int | None) -> threads.ThreadGovernor | None:
+    """-t N: exactly N threads. Without -t (and without OMP_NUM_THREADS or LITE_THREADS=torch in the
+    environment): the count follows the cores other processes leave free (`lite.threads`), at most torch's
+    default; returns that governor."""
+    threads.fixed()
+    if n is not None:
+        most = 4 * (os.cpu_count() or 1)  # far more OpenMP threads than cores crashes torch (100000: SIGSEGV)
+        if not 1 <= n <= most:
+            raise LiteError(f"-t/--threads must be from 1 to {most} (4 x the CPU count), got {n}")
+        torch.set_num_threads(n)
+        return None
+    if not threads.enabled() or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return threads.auto()
 
 
 def context_size(args: argparse.Namespace, model: Any) -> int:

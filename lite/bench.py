@@ -76,6 +76,7 @@ def bench(
                 "pp_tps": n_prompt / pp_s,
                 "tg_tps": (n_gen - 1) / tg_s if n_gen > 1 and tg_s > 0 else float("nan"),
                 "ttft_s": ttft,
+                "threads": torch.get_num_threads(),  # at the end of the run (lite.threads.auto() may change it)
             })  # fmt: skip
             if progress:
                 progress(r + 1, repetitions)

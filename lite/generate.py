@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from lite import threads
 from lite.cache import LatentCache
 from lite.errors import LiteError
 from lite.sampling import SamplingParams, check, sample
@@ -56,6 +57,7 @@ class Session:
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise LiteError(f"token id out of range 0..{vocab - 1}: {max(ids) if max(ids) >= vocab else min(ids)}")
+        threads.tick()  # the thread count follows the free cores, when `lite.threads.auto()` is on
         outs = []
         step = prefill_chunk(self.model.config, self.model.dtype.itemsize, all_logits)
         for i in range(0, len(ids), step):

@@ -24,21 +24,28 @@ FLOAT32_LOADED = re.compile(r"\.ffn_gate_inp\.weight$")
 ALIGN = 16  # the offsets of gate, up and down inside a slot, and a slot row's width (quant.device_kernels)
 
 
+_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+_SIZE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(I?)B|B)?$")
+
+
 def parse_size(value: int | float | str | None, what: str = "size") -> int | None:
-    """Bytes from an int or a string such as "6GiB", "500MB", "1.5GiB" (accelerate's parser); None stays None."""
+    """Bytes from an int or a string: plain bytes ("1048576") or a number with K/M/G/T and iB (powers of 1024) or B
+    (powers of 1000), e.g. "6GiB", "1.5 GiB", "500MB"; None stays None. Raises LiteError naming `what`."""
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0:
             raise LiteError(f"{what} must not be negative (got {value}); give bytes or a size such as 6GiB")
         return int(value)
-    from accelerate.utils import convert_file_size_to_int
-
-    try:
-        n = convert_file_size_to_int(str(value).strip().replace(" ", ""))
-    except (ValueError, TypeError):
-        raise LiteError(f"cannot read {what} {value!r}; give bytes or a size such as 6GiB, 512MiB, 8GB") from None
-    return int(n)
+    text = str(value)
+    m = _SIZE.match(text.strip().upper())
+    if m is None:
+        raise LiteError(f"{what} takes bytes or a size such as 6GiB, 512MiB or 8GB, got {text!r}")
+    number, unit, binary = m.groups()
+    if unit is None and "." in number:
+        raise LiteError(f"{what} {text} is a fraction of a byte; give whole bytes or a unit such as 1.5GiB")
+    n = float(number) if "." in number else int(number)
+    return int(n * (1024 if binary else 1000) ** _UNITS[unit or ""])
 
 
 def format_bytes(n: int | float) -> str:

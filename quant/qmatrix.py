@@ -46,6 +46,11 @@ CPU_KERNELS = ("native", "int4pack", "dense")
 DEQUANT_FROM_ROWS = {Q.Q8_0: 96, Q.Q4_0: 128, Q.Q5_0: 128, Q.Q4_K: 224, Q.Q6_K: 112}
 GROUP = 32
 _NO_TENSOR = torch.empty(0)
+# oneDNN, which runs torch's bf16 GEMMs on the CPU, builds and caches (up to 1024) a primitive for every shape
+# it meets, ~0.6 MiB each: a chat's prefill chunks of 96..128 rows grew the process by 100 MiB over a few hundred
+# turns. `_linear` pads the rows of a bf16 GEMM up to 8 sizes per octave (at most 12.5% more rows), so few shapes
+# ever occur; fewer than 16 rows run as they are.
+_EXACT_ROWS = 16
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
 
 
@@ -205,6 +210,22 @@ def _unpack(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
     return q.reshape(n, k)
 
 
+def bucket_rows(m: int) -> int:
+    """`m` rounded up to one of 8 sizes per octave (16, 18, ..., 30, 32, 36, ...); below 16, `m` itself."""
+    if m < _EXACT_ROWS:
+        return m
+    step = 1 << (m.bit_length() - 4)
+    return -(-m // step) * step
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x [M, in], w); a bf16 GEMM on the CPU with M padded by `bucket_rows` (see _EXACT_ROWS)."""
+    m = x.shape[0]
+    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or x.dim() != 2 or bucket_rows(m) == m:
+        return F.linear(x, w)
+    return F.linear(F.pad(x, (0, 0, 0, bucket_rows(m) - m)), w)[:m]
+
+
 class QMatrix:
     """A weight W [out, in] in compact form; `qm(x)` computes `x @ W.T` for x [..., in]."""
 
@@ -348,7 +369,8 @@ class QMatrix:
         """x [..., in] -> x @ W.T [..., out], in x's dtype."""
         if self.layout == "dense":
             w = self.tensors["weight"]
-            return F.linear(x.to(w.dtype), w).to(x.dtype)
+            y = _linear(x.to(w.dtype) if x.dim() == 2 else x.reshape(-1, self.shape[1]).to(w.dtype), w)
+            return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])).to(x.dtype)
         # Each skipped reshape/cast saves a few µs: this runs ~18 times per MoE layer per token.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.shape[1])
         if self.layout == "gguf":
@@ -363,7 +385,7 @@ class QMatrix:
             else:  # a large batch (or a type native lacks): a GEMM on the weight dequantized for this call
                 w = dequantize(self._raw, self.qtype, self.shape)
                 w = w.to(_prefill_dtype()) if self._native else w
-                y = F.linear(x2.to(w.dtype), w)
+                y = _linear(x2.to(w.dtype), w)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])

@@ -7,6 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_quant_formats import random_raw
 
 from quant import native
@@ -255,3 +256,28 @@ def test_cuda_weights_are_their_gguf_bytes(qtype: Q) -> None:
     fused = QMatrix.cat([qm, qm])  # gate and up fused on the device: the bytes concatenate
     x = torch.randn(2, k, device="cuda").bfloat16()
     assert torch.equal(fused(x), torch.cat([qm(x), qm(x)], dim=-1))
+
+
+def test_bf16_gemm_rows_are_bucketed():
+    """oneDNN caches a primitive (~0.6 MiB) per GEMM shape: the rows of a bf16 GEMM are padded to 8 sizes per
+    octave, so a chat's prefill chunks (96..128 rows) meet 5 shapes instead of 33 (RSS grew 100 MiB before)."""
+    from quant.qmatrix import _linear, bucket_rows
+
+    assert [bucket_rows(m) for m in (1, 15, 16, 17, 97, 100, 128, 129, 1000)] == [
+        1,
+        15,
+        16,
+        18,
+        104,
+        104,
+        128,
+        144,
+        1024,
+    ]
+    assert all(m <= bucket_rows(m) <= m * 1.125 for m in range(1, 9000))
+    assert len({bucket_rows(m) for m in range(96, 129)}) == 5
+    w = torch.randn(48, 64).to(torch.bfloat16)
+    x = torch.randn(100, 64).to(torch.bfloat16)
+    y = _linear(x, w)
+    assert y.shape == (100, 48)
+    torch.testing.assert_close(y.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2)
