@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     s = stats_of()
+    assert s is not None  # the generator ran to its end: the turn's statistics are in
     if args.json:
         record = {
             "model": str(path),

@@ -12,7 +12,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,7 @@ class Chat:
         )
         if not ok:
             raise LiteError(f"{path} holds no conversation; /load reads files written by /save")
+        assert isinstance(messages, list)  # checked just above
         self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         return len(self.messages)
 
@@ -315,7 +316,7 @@ def complete(
     should_stop: Callable[[], bool] = lambda: False,
     prefill_chunk: int = 128,
     t0: float | None = None,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Bring `session` to `prompt` (re-using the prefix it already holds), then sample up to `max_tokens`
     tokens, yielding UTF-8-safe text pieces. Fills `stats` (timings, counts, finish reason, text)."""
     t0 = time.perf_counter() if t0 is None else t0
@@ -370,7 +371,7 @@ def complete(
         tail = stream.flush()
         pieces.append(tail)
         stats.text = "".join(pieces)
-        stats.gen_seconds = (t_last - t_first) if t_first is not None else 0.0
+        stats.gen_seconds = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
         stats.ctx_used = len(session.tokens)
         stats.peak_rss = process_peak_rss()
         device = getattr(model, "device", None)

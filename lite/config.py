@@ -124,7 +124,7 @@ class ModelArgs:
                 n_routed_experts=n_experts,
                 num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
                 n_shared_experts=cfg.get("n_shared_experts") or 0,
-                first_k_dense_replace=cfg.get("first_k_dense_replace")
+                first_k_dense_replace=int(cfg["first_k_dense_replace"])
                 if cfg.get("first_k_dense_replace") is not None
                 else (0 if n_experts else cfg["num_hidden_layers"]),
                 topk_method=cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy"),

@@ -262,6 +262,7 @@ def _write(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        assert writer.fout is not None  # write_header_to_file opened it
         fout = writer.fout[0]
         for i, t in enumerate(tensors):
             _pad(fout, writer.data_alignment)
@@ -316,4 +317,4 @@ def _pad(fout, alignment: int) -> None:
 
 
 def _write_chunk(fout, raw: np.ndarray) -> None:
-    fout.write(memoryview(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)))
+    fout.write(np.ascontiguousarray(raw).reshape(-1).view(np.uint8).data)

@@ -34,7 +34,12 @@ from quant.gguf_file import GGUFFile, TensorRef
 Q = gguf.GGMLQuantizationType
 GGUF_INPUT_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0)  # requantized; other types only copied as they are
 # set anew by the converter (the writer, the recipe) rather than copied
-_SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+_SKIP_KEYS: tuple[str, ...] = (
+    "general.architecture",
+    "general.file_type",
+    "general.quantization_version",
+    "general.alignment",
+)
 _SKIP_KEYS += ("split.",)
 
 
@@ -197,7 +202,7 @@ def _pread(fd: int, size: int, offset: int, path: str, name: str) -> np.ndarray:
     buf = np.empty(size, dtype=np.uint8)
     done = 0
     while done < size:
-        got = os.preadv(fd, [memoryview(buf)[done:]], offset + done)
+        got = os.preadv(fd, [buf.data[done:]], offset + done)
         if got <= 0:
             raise LiteError(f"{path} ended while reading tensor {name}; the file changed or is truncated")
         done += got

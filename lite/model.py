@@ -164,6 +164,7 @@ class Transformer:
 
         q, c, k_rope = a.q_kv_a(x).split([a.q_dim, r, p], dim=-1)  # [T, q_dim], [T, r], [T, p]
         if a.q_b is not None:
+            assert a.q_a_norm is not None  # q LoRA: q_a_norm comes with q_b
             q = a.q_b(rms_norm(q, a.q_a_norm, eps))  # [T, q_lora] -> [T, H·(n+p)]
         q_nope, q_rope = q.reshape(T, H, n + p).split([n, p], dim=-1)  # [T, H, n], [T, H, p]
 
@@ -184,6 +185,7 @@ class Transformer:
         w = self.weights.layers[layer]
         if w.mlp is not None:
             return w.mlp(x)
+        assert w.router is not None  # a MoE layer
         ids, weights = route(self.args, w.router, x, w.router_bias)
         out = self.experts(layer, x, ids, weights)
         if w.shared is not None:

@@ -15,6 +15,7 @@ def inv_frequencies(args: ModelArgs) -> torch.Tensor:
     extrapolated = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if args.rope_type != "yarn":
         return extrapolated
+    assert args.rope_factor is not None and args.rope_original_max_position_embeddings is not None  # yarn
     interpolated = extrapolated / args.rope_factor
     original = args.rope_original_max_position_embeddings
 
@@ -22,8 +23,8 @@ def inv_frequencies(args: ModelArgs) -> torch.Tensor:
         # the dimension whose wavelength makes `rotations` turns over the original context
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(args.rope_beta_fast)), 0)
-    high = min(math.ceil(correction_dim(args.rope_beta_slow)), dim - 1)
+    low: float = max(math.floor(correction_dim(args.rope_beta_fast)), 0)
+    high: float = min(math.ceil(correction_dim(args.rope_beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)

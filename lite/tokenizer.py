@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from gguf.vocab import bytes_to_unicode
@@ -145,7 +146,7 @@ class Tokenizer:
     def _build(self, merges: list[str]) -> HFTokenizer:
         # every token keeps its own id; only NORMAL tokens are reachable through merges
         vocab = {t: i for i, t in enumerate(self.tokens)}
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = [(a, b) for a, b in (m.split(" ", 1) for m in merges)]
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
         hf.pre_tokenizer = deepseek_llm_pre_tokenizer()
         hf.decoder = decoders.ByteLevel()
@@ -201,7 +202,7 @@ class Tokenizer:
         """From an HF checkpoint's tokenizer.json + tokenizer_config.json, read exactly as the converter writes it."""
         from lite.tokenizer_gguf import tokenizer_metadata_from_hf
 
-        return cls.from_metadata(tokenizer_metadata_from_hf(hf_dir))
+        return cls.from_metadata(tokenizer_metadata_from_hf(Path(hf_dir)))
 
     # ---- encode / decode ----
 

@@ -217,5 +217,5 @@ def quantize(x: np.ndarray | torch.Tensor, qtype: Q) -> np.ndarray:
         return native.quantize(t, int(qtype)).numpy()
     if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
         raise LiteError(f"cannot write {qtype.name} without the native extension ({native.build_error()})")
-    out = gguf.quants.quantize(t.numpy(), qtype)
-    return np.ascontiguousarray(out).view(np.uint8).reshape(*t.shape[:-1], -1)
+    blocks = gguf.quants.quantize(t.numpy(), qtype)
+    return np.ascontiguousarray(blocks).view(np.uint8).reshape(*t.shape[:-1], -1)

@@ -211,6 +211,7 @@ class Engine:
                     raise ApiError(400, f"prompt: token ids must lie in 0..{vocab - 1}", "prompt", "invalid_value")
             entry, n = self.cache.match(ids)
             return ids, (entry if n > common_prefix(held, ids) else None), n
+        assert req.messages is not None  # a chat request (completions returned above)
         ids = render_prompt(self.tokenizer, req.messages, held)
         c_work = common_prefix(held, ids)
         if c_work == len(held):

@@ -50,7 +50,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     seed: int | None = None
-    sampling: dict[str, float] = field(default_factory=dict)  # SamplingParams field -> value
+    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParams field -> value
 
     def params(self, defaults: SamplingParams) -> SamplingParams:
         """The server's sampling defaults (and --seed) with this request's values on top."""
@@ -82,7 +82,7 @@ UNSUPPORTED = {
     "suffix": "suffix (insertion) is not supported",
     "echo": "echo is not supported",
 }
-OFF_VALUES = (None, False, 0, "none", "auto", [], {})
+OFF_VALUES: tuple[Any, ...] = (None, False, 0, "none", "auto", [], {})
 
 
 def number(body: dict[str, Any], key: str, low: float, high: float, integer: bool) -> float | int | None:

@@ -88,6 +88,7 @@ class PrefixCache:
         if not tokens or not self._ensure_pool(rows):
             return False
         need = -(-len(tokens) // B)
+        assert self.pool is not None  # _ensure_pool made it
         if need > self.pool.shape[0]:
             return False
         for key, entry in list(self._entries.items()):
@@ -112,10 +113,11 @@ class PrefixCache:
     def restore(self, entry: Entry, session: Any, n: int) -> None:
         """Make `session` hold the first `n` tokens of `entry` (their rows copied into its latent cache); the
         entry becomes the most recently used."""
-        B = self.block
+        B, pool = self.block, self.pool
+        assert pool is not None  # an entry implies the pool
         for i, b in enumerate(entry.blocks[: -(-n // B)]):
             k = min(B, n - i * B)
-            session.cache.data[:, i * B : i * B + k].copy_(self.pool[b, :, :k])
+            session.cache.data[:, i * B : i * B + k].copy_(pool[b, :, :k])
         session.tokens[:] = entry.tokens[:n]
         for key, e in self._entries.items():
             if e is entry:
