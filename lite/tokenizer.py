@@ -64,12 +64,32 @@ DEEPSEEK_LLM_SPLITS = ("[\r\n]", f"\\s?{_LETTERS}+", f"\\s?{_PUNCT}+", "\\s+$", 
 # "[\r\n]|\s?L+" finds the same pieces as the two passes. Passes 5 and 6 only cut where membership of C (CJK)
 # or N (numbers) changes, so together they split runs of C-and-N, C-not-N and N-not-C chars, which one pass
 # does. test_tokenizer.py checks both forms agree on a fuzzed alphabet of the awkward characters.
+# llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM regexes (`tokenizer.ggml.pre` "deepseek-v3": DeepSeek-V3/R1 and the
+# models that reuse their tokenizer): digits in runs of up to three, CJK ideographs and kana, then one GPT-4-like rule.
+DEEPSEEK_V3_SPLITS = (
+    "\\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+)
+
 _FUSED_SPLITS = (
     f"[\r\n]|\\s?{_LETTERS}+",
     DEEPSEEK_LLM_SPLITS[2],
     DEEPSEEK_LLM_SPLITS[3],
     f"(?:(?=\\p{{N}}){_CJK})+|(?:(?!\\p{{N}}){_CJK})+|(?:(?!{_CJK})\\p{{N}})+",
 )
+
+
+def pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    """The pre-tokenizer llama.cpp applies for `tokenizer.ggml.pre` (the ones lite knows: PRE_TYPES)."""
+    if pre == "deepseek-llm":
+        return deepseek_llm_pre_tokenizer()
+    splits = [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in DEEPSEEK_V3_SPLITS]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+PRE_TYPES = ("deepseek-llm", "deepseek-v3")
 
 
 def deepseek_llm_pre_tokenizer(fused: bool = True) -> pre_tokenizers.PreTokenizer:
@@ -117,8 +137,12 @@ class Tokenizer:
         chat_template: str | None = None,
         pre: str = "deepseek-llm",
     ):
-        if pre != "deepseek-llm":
-            raise LiteError(f"unsupported tokenizer pre-tokenizer {pre!r}; lite reads DeepSeek LLM ('deepseek-llm')")
+        if pre not in PRE_TYPES:
+            raise LiteError(
+                f"unsupported tokenizer pre-tokenizer {pre!r} (tokenizer.ggml.pre); lite reads "
+                f"{' and '.join(repr(p) for p in PRE_TYPES)}"
+            )
+        self.pre = pre
         n = len(tokens)
         types = list(token_types) if token_types is not None else [_NORMAL] * n
         if len(types) != n:
@@ -132,7 +156,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self._hf = self._build(merges)
         # long texts may be cut after newlines (no piece crosses one) unless an added token spans a newline
-        self._cut_ok = not any("\n" in t for t, k in zip(self.tokens, types) if k != _NORMAL)
+        # (deepseek-v3's "\s*[\r\n]+" makes pieces of several newlines: never cut there)
+        self._cut_ok = pre == "deepseek-llm" and not any("\n" in t for t, k in zip(self.tokens, types) if k != _NORMAL)
         self._pieces: list[bytes | None] = [None] * n  # lazily filled decode table
         # control-token texts, longest first (as `tokenizers` matches them), and their private-use stand-ins
         kinds = (_CONTROL, _UNKNOWN)
@@ -148,7 +173,7 @@ class Tokenizer:
         vocab = {t: i for i, t in enumerate(self.tokens)}
         pairs = [(a, b) for a, b in (m.split(" ", 1) for m in merges)]
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
-        hf.pre_tokenizer = deepseek_llm_pre_tokenizer()
+        hf.pre_tokenizer = pre_tokenizer(self.pre)
         hf.decoder = decoders.ByteLevel()
         user = [t for t, k in zip(self.tokens, self.token_types) if k == _USER_DEFINED]
         control = [t for t, k in zip(self.tokens, self.token_types) if k in (_CONTROL, _UNKNOWN)]

@@ -18,11 +18,10 @@ from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lite.errors import LiteError
-from lite.tokenizer import DEEPSEEK_LLM_SPLITS, deepseek_llm_pre_tokenizer
+from lite.tokenizer import DEEPSEEK_LLM_SPLITS, deepseek_llm_pre_tokenizer, pre_tokenizer
 
 _K = gguf.Keys.Tokenizer
 _TT = gguf.TokenType
-PRE_TOKENIZER_NAME = "deepseek-llm"
 
 # Strings on which DeepSeek's pre-tokenizer must agree with ours before we label the vocabulary `deepseek-llm`
 # (llama.cpp identifies pre-tokenizers by hashing the encoding of a probe text in the same spirit).
@@ -46,10 +45,11 @@ def _deepseek_with_single_digits() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([*splits, pre_tokenizers.Digits(individual_digits=True), byte_level])
 
 
-def _check_pre_tokenizer(hf: HFTokenizer, path: Path) -> None:
-    """Refuse tokenizers whose splits are not DeepSeek LLM's: llama.cpp would tokenize them differently.
+def _check_pre_tokenizer(hf: HFTokenizer, path: Path) -> str:
+    """The `tokenizer.ggml.pre` name of the tokenizer's splits: DeepSeek LLM's (`deepseek-llm`, the V2 family) or
+    DeepSeek-V3's (`deepseek-v3`). Anything else is refused: llama.cpp would tokenize it differently.
 
-    DeepSeek's vocabularies hold no multi-digit tokens, so splitting numbers into single digits (as DeepSeek's
+    DeepSeek's V2 vocabularies hold no multi-digit tokens, so splitting numbers into single digits (as DeepSeek's
     tokenizer.json may) or into runs (as llama.cpp does) gives the same ids; both forms are accepted.
     """
 
@@ -57,11 +57,14 @@ def _check_pre_tokenizer(hf: HFTokenizer, path: Path) -> None:
         return [piece for piece, _ in pre.pre_tokenize_str(_PRE_TOKENIZER_PROBE)] if pre is not None else []
 
     theirs = pieces(hf.pre_tokenizer)
-    if theirs not in (pieces(deepseek_llm_pre_tokenizer()), pieces(_deepseek_with_single_digits())):
-        raise LiteError(
-            f"{path}: the tokenizer's pre-tokenizer is not DeepSeek LLM's (deepseek-llm); only DeepSeek-V2-family "
-            "tokenizers are supported"
-        )
+    if theirs in (pieces(deepseek_llm_pre_tokenizer()), pieces(_deepseek_with_single_digits())):
+        return "deepseek-llm"
+    if theirs == pieces(pre_tokenizer("deepseek-v3")):
+        return "deepseek-v3"
+    raise LiteError(
+        f"{path}: the tokenizer's pre-tokenizer is neither DeepSeek LLM's (deepseek-llm) nor DeepSeek-V3's "
+        "(deepseek-v3); only those DeepSeek tokenizers are supported"
+    )
 
 
 def _vocab_size(hf_dir: Path, n_tokens: int) -> int:
@@ -71,12 +74,12 @@ def _vocab_size(hf_dir: Path, n_tokens: int) -> int:
     return n_tokens
 
 
-def _tokens_and_types(hf_dir: Path) -> tuple[list[str], list[int]]:
+def _tokens_and_types(hf_dir: Path) -> tuple[list[str], list[int], str]:
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
         raise LiteError(f"no tokenizer.json in {hf_dir}; convert from a Hugging Face checkpoint that has one")
     hf = HFTokenizer.from_file(str(path))
-    _check_pre_tokenizer(hf, path)
+    pre = _check_pre_tokenizer(hf, path)
     vocab = hf.get_vocab(with_added_tokens=True)
     vocab_size = _vocab_size(hf_dir, len(vocab))
     if max(vocab.values()) >= vocab_size:
@@ -103,7 +106,7 @@ def _tokens_and_types(hf_dir: Path) -> tuple[list[str], list[int]]:
         else:
             tokens.append(token)
             types.append(_TT.NORMAL)
-    return tokens, [int(t) for t in types]
+    return tokens, [int(t) for t in types], pre
 
 
 def _special_vocab(hf_dir: Path) -> gguf.SpecialVocab:
@@ -129,7 +132,7 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: str | Path) -> None:
     tokenizer.json or tokenizer_config.json raises LiteError (the parsers' own errors are of many types)."""
     hf_dir = Path(hf_dir)
     try:
-        tokens, types = _tokens_and_types(hf_dir)
+        tokens, types, pre = _tokens_and_types(hf_dir)
         special = _special_vocab(hf_dir)
     except LiteError:
         raise
@@ -140,7 +143,7 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: str | Path) -> None:
             "tokenizer_config.json, or remove tokenizer.json to convert without a tokenizer"
         ) from None
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER_NAME)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)
