@@ -41,28 +41,27 @@ def _lookahead(prefetch: bool | int) -> int:
     raise LiteError(f"prefetch must be True, False or a lookahead in layers (got {prefetch!r})")
 
 
-def sizes_from_stacks(stacks: dict, dtype_bytes: int, device: str = "cuda") -> Any:
+def sizes_from_stacks(stacks: dict) -> Any:
     """Planner sizes when only the expert stacks are known (no dense weights, no latent cache): every tier holds
-    an expert as its GGUF bytes."""
-    from offload.experts import spec_of
+    an expert as its GGUF bytes, in a slot laid out by its layer's `ExpertSpec`."""
+    from offload.experts import raw_nbytes, spec_of
     from offload.planner import ModelSizes
 
     per_layer = {layer: spec_of(st).nbytes for layer, st in stacks.items()}
-    first = next(iter(stacks.values()))
-    sizes = ModelSizes(
+    in_file = {layer: raw_nbytes(st) for layer, st in stacks.items()}
+    return ModelSizes(
         n_layers=max(stacks) + 1,
         moe_layers=sorted(stacks),
-        n_experts=first.gate.shape[0],
+        n_experts=next(iter(stacks.values())).gate.shape[0],
         experts_per_token=1,
         latent_per_token_layer=0,
         dense_bytes=0,
         expert_bytes=max(per_layer.values()),
-        expert_file_bytes=max(per_layer.values()),
+        expert_file_bytes=max(in_file.values()),
         context_length=DEFAULT_CTX,
+        expert_bytes_by_layer=per_layer,
+        expert_file_bytes_by_layer=in_file,
     )
-    if hasattr(sizes, "expert_bytes_by_layer"):
-        sizes.expert_bytes_by_layer = per_layer
-    return sizes
 
 
 def build_experts(
@@ -110,7 +109,7 @@ def build_experts(
         from offload.planner import model_sizes as sizes_of
 
         model_sizes = sizes_of(gguf_file.metadata, gguf_file.tensors, dtype_bytes, device.type)
-    sizes = model_sizes or sizes_from_stacks(stacks, dtype_bytes, device.type)
+    sizes = model_sizes or sizes_from_stacks(stacks)
     plan = make_plan(
         sizes,
         device=str(device),

@@ -93,7 +93,6 @@ class ExpertEngine:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="lite-experts")
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.staging = StagingRing(STAGING_BUFFERS, _align(self.expert_bytes), pin=True) if self.cuda else None
-        self._hit_set: set[Key] = set()
         self.native_layers = {  # CPU decode: one native call runs a token's experts (`moe_one_token`)
             layer: not self.pooled and all(t in NATIVE_TYPES for t in (sp.gate_type, sp.up_type, sp.down_type))
             and cpu_kernel() == "native" and native.available()
@@ -370,9 +369,8 @@ class ExpertEngine:
                 self._issue(key, slot)
                 issued.append(key)
 
-        self._hit_set = set(hits)
         if self.pooled and not deferred and (ids.shape[0] == 1 or not to_cpu):
-            return self._grouped(layer, x, ids, weights, experts, hits + issued, to_cpu, scale)
+            return self._grouped(layer, x, ids, weights, experts, hits, issued, to_cpu, scale)
         ys: dict[int, torch.Tensor] = {}
         fused = ids.shape[0] == 1 and self.native_layers.get(layer, False)
         sources: dict[int, ExpertWeights] = {}  # fused: each expert's weights, all run at the end in one call
@@ -428,7 +426,8 @@ class ExpertEngine:
         ids: torch.Tensor,
         weights: torch.Tensor,
         experts: list[int],
-        on_device: list[Key],
+        hits: list[Key],
+        issued: list[Key],
         to_cpu: list[Key],
         scale: dict,
     ) -> torch.Tensor:
@@ -437,10 +436,10 @@ class ExpertEngine:
         from quant import device_kernels
 
         rows: dict[int, int] = {}
+        on_device = hits + issued
         for key in on_device:
-            slot = self.lru.lookup(key)
-            assert slot is not None
-            self._ready(slot, layer, miss=key not in self._hit_set)
+            slot = self._slot_of(key)
+            self._ready(slot, layer, miss=key in issued)
             rows[key[1]] = self._pool_row(slot)[1]
         cpu_ys = [(e, self._host_expert((layer, e))(x.to("cpu")).to(x.device)) for _, e in to_cpu]
         self.stats_.add(layer, "cpu_experts", len(cpu_ys))
