@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quant import prefill
 from quant.device_kernels import ExpertSpec
 from quant.qmatrix import QMatrix
 
@@ -40,6 +41,8 @@ class ExpertWeights:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [n, hidden] -> [n, hidden]; SwiGLU like the model's dense MLPs
+        if x.dim() == 2 and x.shape[0] >= self.gate.expand_from and self.native:  # prefill: bf16 GEMMs, fused
+            return prefill.swiglu(x, self.gate.gguf_weight, self.up.gguf_weight, self.down.gguf_weight)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
     @property

@@ -35,6 +35,8 @@ __all__ = [
     "available",
     "best_isa",
     "build_error",
+    "dequantize",
+    "DEQUANT_QTYPES",
     "gguf_matmul",
     "moe_ffn",
     "quantize",
@@ -46,6 +48,8 @@ SUPPORTED_QTYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 # ... and the ids the quantizers write (llama.cpp's reference algorithms, byte for byte)
 QUANTIZE_QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+# ... and the ids `dequantize` expands natively (to float32 or bf16, for prefill GEMMs)
+DEQUANT_QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 _SOURCES = [
     "ops.cpp",
@@ -55,6 +59,7 @@ _SOURCES = [
     "quantize_ops.cpp",
     "quantize_legacy.cpp",
     "quantize_kquants.cpp",
+    "dequant_ops.cpp",
 ]
 _CSRC = Path(__file__).with_name("csrc")
 _lock = threading.Lock()
@@ -154,6 +159,29 @@ def quantize(x: torch.Tensor, qtype: int) -> torch.Tensor:
     x = x.float()
     out = torch.ops.lite_gguf.quantize(x, int(qtype))
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def dequantize(
+    raw: torch.Tensor | np.ndarray,
+    qtype: int,
+    N: int,
+    K: int,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The (N, K) weight in `raw` (GGUF blocks of `qtype`, one of DEQUANT_QTYPES) as float32 or bf16, multi-threaded.
+
+    Values are bit-identical to `quant.formats.dequantize` (then rounded to nearest even for bf16). `out`, when
+    given, is a contiguous (N, K) tensor of `dtype` to write into (e.g. half of a fused gate+up buffer).
+    """
+    if not available():
+        raise LiteError("native kernels unavailable: " + str(build_error()))
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raw = as_raw(raw)
+    if out is None:
+        out = torch.empty(int(N), int(K), dtype=dtype)
+    torch.ops.lite_gguf.dequantize_into(raw.reshape(-1), int(qtype), out, _isa_level(None))
+    return out
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quant import native
+from quant import native, prefill
 from quant.errors import LiteError
 from quant.formats import _as_uint8_tensor, _f16, _k_scale_min, _nibbles, dequantize, nbytes
 
@@ -40,17 +40,11 @@ Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 NATIVE_TYPES = tuple(Q.__members__[name] for name in native.SUPPORTED_QTYPES)
 CPU_KERNELS = ("native", "int4pack", "dense")
-# Rows of x from which a "gguf" weight is dequantized to bf16 per call (AMX/AVX512-BF16 GEMM) instead of running
-# the 8-bit kernel, whose cost grows linearly with rows: the crossovers measured by `bench_decode.py --kernels`
-# (1 thread) on DeepSeek-V2-Lite's 1408x2048 / 2048x1408 / 2048x2048 shapes; Q5_0 assumed like Q4_0.
-DEQUANT_FROM_ROWS = {Q.Q8_0: 96, Q.Q4_0: 128, Q.Q5_0: 128, Q.Q4_K: 224, Q.Q6_K: 112}
+# Rows of x from which a "gguf" weight is expanded to bf16 per call and multiplied by a GEMM (quant/prefill.py)
+# instead of the 8-bit kernel, whose cost grows linearly with rows.
+DEQUANT_FROM_ROWS = prefill.FROM_ROWS
 GROUP = 32
 _NO_TENSOR = torch.empty(0)
-# oneDNN, which runs torch's bf16 GEMMs on the CPU, builds and caches (up to 1024) a primitive for every shape
-# it meets, ~0.6 MiB each: a chat's prefill chunks of 96..128 rows grew the process by 100 MiB over a few hundred
-# turns. `_linear` pads the rows of a bf16 GEMM up to 8 sizes per octave (at most 12.5% more rows), so few shapes
-# ever occur; fewer than 16 rows run as they are.
-_EXACT_ROWS = 16
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
 
 
@@ -142,12 +136,6 @@ def loaded_nbytes(qtype: Q, shape: Sequence[int], layout_for: str, dtype_bytes: 
     return count * n * k * dtype_bytes
 
 
-@functools.cache
-def _prefill_dtype() -> torch.dtype:
-    """bf16 where the CPU multiplies it natively (AVX512-BF16 / AMX via oneDNN), else float32."""
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-
-
 def _isa_level() -> int:
     """$LITE_NATIVE_ISA as the kernels' level (-1: the best this CPU has), read once per weight."""
     isa = os.environ.get("LITE_NATIVE_ISA")
@@ -208,22 +196,6 @@ def _unpack(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
     q = torch.empty(n * k, dtype=torch.int32, device=packed.device)
     q[src] = nib.to(torch.int32)
     return q.reshape(n, k)
-
-
-def bucket_rows(m: int) -> int:
-    """`m` rounded up to one of 8 sizes per octave (16, 18, ..., 30, 32, 36, ...); below 16, `m` itself."""
-    if m < _EXACT_ROWS:
-        return m
-    step = 1 << (m.bit_length() - 4)
-    return -(-m // step) * step
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x [M, in], w); a bf16 GEMM on the CPU with M padded by `bucket_rows` (see _EXACT_ROWS)."""
-    m = x.shape[0]
-    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or x.dim() != 2 or bucket_rows(m) == m:
-        return F.linear(x, w)
-    return F.linear(F.pad(x, (0, 0, 0, bucket_rows(m) - m)), w)[:m]
 
 
 class QMatrix:
@@ -369,7 +341,7 @@ class QMatrix:
         """x [..., in] -> x @ W.T [..., out], in x's dtype."""
         if self.layout == "dense":
             w = self.tensors["weight"]
-            y = _linear(x.to(w.dtype) if x.dim() == 2 else x.reshape(-1, self.shape[1]).to(w.dtype), w)
+            y = prefill.linear(x.to(w.dtype) if x.dim() == 2 else x.reshape(-1, self.shape[1]).to(w.dtype), w)
             return (y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])).to(x.dtype)
         # Each skipped reshape/cast saves a few µs: this runs ~18 times per MoE layer per token.
         x2 = x if x.dim() == 2 else x.reshape(-1, self.shape[1])
@@ -382,10 +354,10 @@ class QMatrix:
                 y = self._mm(
                     x2 if x2.dtype == torch.float32 else x2.float(), self._raw, self._qid, *self.shape, self._isa
                 )
-            else:  # a large batch (or a type native lacks): a GEMM on the weight dequantized for this call
-                w = dequantize(self._raw, self.qtype, self.shape)
-                w = w.to(_prefill_dtype()) if self._native else w
-                y = _linear(x2.to(w.dtype), w)
+            elif self._native:  # a large batch: one GEMM on the weight expanded to bf16 for this call
+                y = prefill.gguf_linear(x2, self._raw, self.qtype, self.shape)
+            else:  # a type native lacks: a float32 GEMM on the weight dequantized for this call
+                y = F.linear(x2.to(torch.float32), dequantize(self._raw, self.qtype, self.shape))
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])
@@ -395,6 +367,16 @@ class QMatrix:
         if x.dtype != torch.bfloat16:
             y = y.to(x.dtype)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.shape[0])
+
+    @property
+    def expand_from(self) -> int:
+        """Rows of x from which a native "gguf" weight is expanded to bf16 for one GEMM (quant/prefill.py)."""
+        return self._dequant_from if self.layout == "gguf" and self._native else 1 << 62
+
+    @property
+    def gguf_weight(self) -> tuple[torch.Tensor, Q, tuple[int, int]]:
+        """(raw bytes, type, shape) of a "gguf" weight: what quant/prefill.py multiplies."""
+        return self._raw, self.qtype, self.shape
 
     def dequantize(self) -> torch.Tensor:
         """The effective weight float32 [out, in] (for int4: (q - 8) * scale + zero with the stored bf16 pairs)."""

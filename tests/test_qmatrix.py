@@ -261,7 +261,8 @@ def test_cuda_weights_are_their_gguf_bytes(qtype: Q) -> None:
 def test_bf16_gemm_rows_are_bucketed():
     """oneDNN caches a primitive (~0.6 MiB) per GEMM shape: the rows of a bf16 GEMM are padded to 8 sizes per
     octave, so a chat's prefill chunks (96..128 rows) meet 5 shapes instead of 33 (RSS grew 100 MiB before)."""
-    from quant.qmatrix import _linear, bucket_rows
+    from quant.prefill import bucket_rows
+    from quant.prefill import linear as _linear
 
     assert [bucket_rows(m) for m in (1, 15, 16, 17, 97, 100, 128, 129, 1000)] == [
         1,

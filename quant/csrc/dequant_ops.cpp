@@ -1,0 +1,220 @@
+// torch binding of block dequantization: torch.ops.lite_gguf.dequantize_into(raw, qtype, out) writes the (N, K)
+// weight held in `raw` (GGUF blocks, row-major) into `out`, float32 or bf16, over torch's intra-op threads.
+//
+// Why native: prefill multiplies every expert by tens of tokens, where a bf16 GEMM (oneDNN: AVX512-BF16 or AMX)
+// runs 3-6x faster than the 8-bit block kernels, provided the weight is expanded fast enough. The torch-level
+// dequantizer (quant/formats.py) spends ~4 ns per weight; this one ~0.1 ns, so expanding an expert costs a
+// fraction of its GEMM. Values are bit-identical to quant/formats.py (and gguf-py) before the bf16 rounding.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <utility>
+#include <vector>
+
+#include "gguf_kernels.h"
+
+// a*b - c must round twice, as the reference does: no FMA contraction in this translation unit
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+namespace lite_gguf {
+namespace dq_base {
+#include "dequant_blocks.inc"
+} // namespace dq_base
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
+#endif
+#include <immintrin.h>
+namespace dq_avx512 {
+#include "dequant_blocks.inc"
+
+// Hand-written AVX-512 forms of the types prefill meets most (16 values per step: widen the 4/5/6/8-bit codes to
+// int32, convert, scale, round to bf16). 512-bit float intrinsics are builtins with a rounding argument, never
+// fused by the compiler, so a*b-c keeps its two roundings and the values stay bit-identical to the reference.
+template <bool BF16>
+static inline void put16(__m512 v, void* out, int64_t i) {
+    if constexpr (BF16) {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + i), _mm512_cvtepi32_epi16(r));
+    } else {
+        _mm512_storeu_ps((float*)out + i, v);
+    }
+}
+
+static inline __m512 widen(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
+static inline __m512 widen_s(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
+
+template <bool BF16>
+static inline void q4_k(const uint8_t* b, void* out, int64_t o) {
+    const float d = fp16_to_f32(load_u16(b)), dmin = fp16_to_f32(load_u16(b + 2));
+    uint8_t sc[8], mn[8];
+    unpack_q4_k_scales(b + 4, sc, mn);
+    const __m128i low = _mm_set1_epi8(0x0f);
+    for (int c = 0; c < 4; c++) {
+        const __m512 d0 = _mm512_set1_ps(d * (float)sc[2 * c]), m0 = _mm512_set1_ps(dmin * (float)mn[2 * c]);
+        const __m512 d1 = _mm512_set1_ps(d * (float)sc[2 * c + 1]), m1 = _mm512_set1_ps(dmin * (float)mn[2 * c + 1]);
+        for (int h = 0; h < 2; h++) {
+            const __m128i q = _mm_loadu_si128((const __m128i*)(b + 16 + 32 * c + 16 * h));
+            const __m512 lo = widen(_mm_and_si128(q, low)), hi = widen(_mm_and_si128(_mm_srli_epi16(q, 4), low));
+            put16<BF16>(_mm512_sub_ps(_mm512_mul_ps(d0, lo), m0), out, o + 64 * c + 16 * h);
+            put16<BF16>(_mm512_sub_ps(_mm512_mul_ps(d1, hi), m1), out, o + 64 * c + 32 + 16 * h);
+        }
+    }
+}
+
+template <bool BF16, int Offset> // Q4_0 (offset 8) and Q5_0 (16: the fifth bits come from qh)
+static inline void q4_5_0(const uint8_t* b, void* out, int64_t o) {
+    const __m512 d = _mm512_set1_ps(fp16_to_f32(load_u16(b)));
+    const __m128i low = _mm_set1_epi8(0x0f);
+    const uint8_t* qs = b + (Offset == 8 ? 2 : 6);
+    const __m128i q = _mm_loadu_si128((const __m128i*)qs);
+    __m128i lo = _mm_and_si128(q, low), hi = _mm_and_si128(_mm_srli_epi16(q, 4), low);
+    if constexpr (Offset == 16) {
+        uint32_t qh;
+        std::memcpy(&qh, b + 2, 4);
+        lo = _mm_or_si128(lo, _mm_maskz_mov_epi8((__mmask16)(qh & 0xffff), _mm_set1_epi8(0x10)));
+        hi = _mm_or_si128(hi, _mm_maskz_mov_epi8((__mmask16)(qh >> 16), _mm_set1_epi8(0x10)));
+    }
+    const __m512 off = _mm512_set1_ps((float)Offset);
+    // (q - offset) is exact in float, so subtracting after the conversion equals the reference's integer subtract
+    put16<BF16>(_mm512_mul_ps(d, _mm512_sub_ps(widen(lo), off)), out, o);
+    put16<BF16>(_mm512_mul_ps(d, _mm512_sub_ps(widen(hi), off)), out, o + 16);
+}
+
+template <bool BF16>
+static inline void q8_0(const uint8_t* b, void* out, int64_t o) {
+    const __m512 d = _mm512_set1_ps(fp16_to_f32(load_u16(b)));
+    for (int h = 0; h < 2; h++)
+        put16<BF16>(_mm512_mul_ps(widen_s(_mm_loadu_si128((const __m128i*)(b + 2 + 16 * h))), d), out, o + 16 * h);
+}
+
+template <bool BF16>
+static inline void q6_k(const uint8_t* b, void* out, int64_t o) {
+    const float d = fp16_to_f32(load_u16(b + 208));
+    const int8_t* scales = (const int8_t*)(b + 192);
+    const __m128i low = _mm_set1_epi8(0x0f), three = _mm_set1_epi8(3);
+    const __m512 off = _mm512_set1_ps(32.0f);
+    for (int r = 0; r < 2; r++)
+        for (int j = 0; j < 4; j++)
+            for (int h = 0; h < 2; h++) { // 16 values: group r*8 + j*2 + h
+                const __m128i ql = _mm_loadu_si128((const __m128i*)(b + r * 64 + (j % 2) * 32 + 16 * h));
+                const __m128i qh = _mm_loadu_si128((const __m128i*)(b + 128 + r * 32 + 16 * h));
+                const __m128i lo = j / 2 ? _mm_and_si128(_mm_srli_epi16(ql, 4), low) : _mm_and_si128(ql, low);
+                __m128i hi;
+                switch (j) { // shifts must be immediates
+                case 0: hi = qh; break;
+                case 1: hi = _mm_srli_epi16(qh, 2); break;
+                case 2: hi = _mm_srli_epi16(qh, 4); break;
+                default: hi = _mm_srli_epi16(qh, 6); break;
+                }
+                const __m128i q = _mm_or_si128(lo, _mm_slli_epi16(_mm_and_si128(hi, three), 4));
+                const __m512 dg = _mm512_set1_ps(d * (float)scales[r * 8 + j * 2 + h]);
+                put16<BF16>(_mm512_mul_ps(dg, _mm512_sub_ps(widen(q), off)), out, o + r * 128 + j * 32 + 16 * h);
+            }
+}
+
+using FastFn = void (*)(const uint8_t*, void*, int64_t);
+
+template <bool BF16>
+static FastFn fast_fn(int qtype) {
+    switch (qtype) {
+    case 2: return q4_5_0<BF16, 8>;
+    case 6: return q4_5_0<BF16, 16>;
+    case 8: return q8_0<BF16>;
+    case 12: return q4_k<BF16>;
+    case 14: return q6_k<BF16>;
+    default: return nullptr;
+    }
+}
+
+// Rows [r0, r1) as dequant_rows does, with the hand-written forms where there is one.
+static void rows(const uint8_t* raw, int qtype, int bs, int bytes, int64_t K, int64_t r0, int64_t r1, void* out,
+                 bool out_bf16) {
+    const FastFn fn = out_bf16 ? fast_fn<true>(qtype) : fast_fn<false>(qtype);
+    if (!fn) return dequant_rows(raw, qtype, bs, bytes, K, r0, r1, out, out_bf16);
+    const int64_t nb = K / bs, row_bytes = nb * bytes;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t b = 0; b < nb; b++) fn(raw + r * row_bytes + b * bytes, out, r * K + b * bs);
+}
+} // namespace dq_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+namespace {
+
+bool has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static const bool yes = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+    }();
+    return yes;
+#else
+    return false;
+#endif
+}
+
+// (values, bytes) per block of the types dequant_blocks.inc decodes
+std::pair<int, int> geometry(int64_t qtype) {
+    switch (qtype) {
+    case 2: return {32, 18};   // Q4_0
+    case 3: return {32, 20};   // Q4_1
+    case 6: return {32, 22};   // Q5_0
+    case 7: return {32, 24};   // Q5_1
+    case 8: return {32, 34};   // Q8_0
+    case 12: return {256, 144}; // Q4_K
+    case 13: return {256, 176}; // Q5_K
+    case 14: return {256, 210}; // Q6_K
+    default: return {0, 0};
+    }
+}
+
+std::vector<int64_t> dequant_qtypes() { return {2, 3, 6, 7, 8, 12, 13, 14}; }
+
+void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out, int64_t isa) {
+    const auto [bs, bytes] = geometry(qtype);
+    TORCH_CHECK(bs > 0, "cannot dequantize GGUF type id ", qtype, " natively");
+    TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous 2-D CPU tensor");
+    const bool bf16 = out.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(bf16 || out.scalar_type() == at::kFloat, "out must be float32 or bfloat16");
+    const int64_t N = out.size(0), K = out.size(1);
+    TORCH_CHECK(K % bs == 0, "rows of ", K, " values are not whole blocks of ", bs);
+    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == N * (K / bs) * bytes,
+                "raw must be ", N * (K / bs) * bytes, " contiguous bytes, got ", raw.numel());
+    const uint8_t* src = raw.data_ptr<uint8_t>();
+    void* dst = out.data_ptr();
+    const bool wide = has_avx512() && (isa < 0 || isa >= ISA_AVX512VNNI); // isa: LITE_NATIVE_ISA's cap
+    // ~64K values per task: enough to amortise a task, small enough to keep both threads busy on one expert
+    const int64_t grain = std::max<int64_t>(1, 65536 / K);
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+        if (wide) return dq_avx512::rows(src, (int)qtype, bs, bytes, K, r0, r1, dst, bf16);
+#endif
+        dq_base::dequant_rows(src, (int)qtype, bs, bytes, K, r0, r1, dst, bf16);
+    });
+}
+
+} // namespace
+} // namespace lite_gguf
+
+TORCH_LIBRARY_FRAGMENT(lite_gguf, m) {
+    m.def("dequantize_into(Tensor raw, int qtype, Tensor(a!) out, int isa=-1) -> ()", &lite_gguf::dequantize_into);
+    m.def("dequant_qtypes() -> int[]", &lite_gguf::dequant_qtypes);
+}
