@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import lite.convert as convert_mod
+import lite.convert.writer as convert_mod
 from lite.config import ModelArgs
 from lite.convert import convert
 from lite.errors import LiteError
