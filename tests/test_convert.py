@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import gguf
@@ -20,8 +19,6 @@ from lite.convert import convert
 from lite.errors import LiteError
 from quant.formats import quantize
 from quant.gguf_file import GGUFFile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 Q = gguf.GGMLQuantizationType
 
