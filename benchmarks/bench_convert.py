@@ -23,7 +23,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-import lite.convert as convert_mod  # noqa: E402
+import lite.convert.writer as convert_mod  # noqa: E402
 
 
 def main() -> None:

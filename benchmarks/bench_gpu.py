@@ -62,7 +62,7 @@ def write_random_gguf(path: Path, layers: int, tiny: bool = False) -> Path:
     """A V2-Lite-shaped Q4_K_M GGUF of `layers` layers (or the tiny test shape) filled with random blocks."""
     from full_size_gguf import CONFIGS, MOSTLY_Q4_K_M, tensor_types
 
-    from lite.config import add_metadata, gguf_metadata_from_hf
+    from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
 
     if tiny:
         from tiny_models import CONFIGS as TINY

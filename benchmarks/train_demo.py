@@ -326,10 +326,11 @@ def hf_perplexity(ckpt: Path, ctx: int, chunks: int | None = None) -> None:
     """`lite perplexity`'s numbers for the float32 transformers model: same tokens, chunks and scoring."""
     from transformers import DeepseekV2ForCausalLM
 
+    from lite.convert.tokenizer_meta import tokenizer_metadata_from_hf
     from lite.perplexity import perplexity
     from lite.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_hf(ckpt)
+    tok = Tokenizer.from_metadata(tokenizer_metadata_from_hf(ckpt))  # as `lite convert` writes it
     tokens = tok.encode((ckpt / "val.txt").read_text(encoding="utf-8"), add_bos=True)
     model = DeepseekV2ForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     shim = type("HFModel", (), {"session": lambda self, n: _HFSession(model, n)})()

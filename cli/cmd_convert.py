@@ -18,9 +18,12 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-RECIPE_CHOICES = ("lite", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
-TYPE_CHOICES = ("q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0", "bf16", "f16", "f32")
-OUTTYPE_CHOICES = ("f32", "bf16", "f16", "q8_0")
+from lite.convert.recipes import OUTTYPES, RECIPES, TYPE_NAMES
+
+# the converter's own tables (recipes.py imports only gguf: the parser stays cheap to build)
+RECIPE_CHOICES = RECIPES
+TYPE_CHOICES = tuple(TYPE_NAMES)
+OUTTYPE_CHOICES = OUTTYPES
 PLAIN_EVERY_S = 5.0  # seconds between plain progress lines
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 from gguf.vocab import bytes_to_unicode
@@ -221,13 +220,6 @@ class Tokenizer:
 
             gguf_file = GGUFFile(gguf_file)
         return cls.from_metadata(gguf_file.metadata)
-
-    @classmethod
-    def from_hf(cls, hf_dir: str | os.PathLike[str]) -> Tokenizer:
-        """From an HF checkpoint's tokenizer.json + tokenizer_config.json, read exactly as the converter writes it."""
-        from lite.tokenizer_gguf import tokenizer_metadata_from_hf
-
-        return cls.from_metadata(tokenizer_metadata_from_hf(Path(hf_dir)))
 
     # ---- encode / decode ----
 

@@ -1,7 +1,7 @@
 """GGUF tensors (llama.cpp names) → the model's `Weights`, plus the routed-expert stacks for the expert backend.
 
 A tensor source is any mapping name → `quant.gguf_file.TensorRef` (raw bytes, qtype, torch-order shape):
-a `GGUFFile`'s `.tensors`, or `tensors_from_hf` for tests. Attention reads the split `attn_k_b`/`attn_v_b`
+a `GGUFFile`'s `.tensors`, or an in-memory one (tests/hf_helpers.py). Attention reads the split `attn_k_b`/`attn_v_b`
 layout and also the legacy single `attn_kv_b`.
 """
 
@@ -9,18 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import gguf
 import numpy as np
 import torch
 
 from lite.config import ModelArgs
 from lite.errors import LiteError
-from lite.gguf_names import split_kv_b
 from lite.model import AttentionWeights, LayerWeights, MLPWeights, Weights
 from offload.experts import ExpertStacks
 from quant.formats import dequantize
 from quant.gguf_file import TensorRef
 from quant.qmatrix import QMatrix, device_kernels_forced
+
+
+def split_kv_b(
+    kv_b: torch.Tensor, n_heads: int, qk_nope_head_dim: int, v_head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b (n_head·(nope+v), kv_lora) → k_b (n_head, kv_lora, nope), v_b (n_head, v, kv_lora), as llama.cpp.
+
+    The loader splits a legacy file's `attn_kv_b` with it, and the converter an HF `kv_b_proj`: one function, so
+    both give the same layout."""
+    kv_b = kv_b.reshape(n_heads, qk_nope_head_dim + v_head_dim, kv_b.shape[-1])
+    k_b, v_b = torch.split(kv_b, [qk_nope_head_dim, v_head_dim], dim=1)
+    return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
 
 
 class Embedding:
@@ -145,33 +155,3 @@ def load_weights(
         output=rd.linear(output_name, (args.vocab_size, d)),
     )
     return weights, stacks
-
-
-def tensors_from_hf(hf_dir, args: ModelArgs) -> dict[str, TensorRef]:
-    """An in-memory F32 tensor source from an HF checkpoint, through the converter's name mapping (tests).
-    FP8 weights are dequantized with their block scales, as the converter does."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from lite import fp8
-    from lite.gguf_names import build_tensor, plan_tensors
-
-    block = fp8.block_size(json.loads((Path(hf_dir) / "config.json").read_text())) or fp8.DEFAULT_BLOCK
-    handles = [safe_open(str(f), "pt") for f in sorted(Path(hf_dir).glob("*.safetensors"))]
-    where = {name: h for h in handles for name in h.keys()}
-    shapes = {name: tuple(h.get_slice(name).get_shape()) for name, h in where.items()}
-
-    def read(name: str) -> torch.Tensor:
-        scale = fp8.scale_name(name)
-        if scale in where:
-            return fp8.dequantize(where[name].get_tensor(name), where[scale].get_tensor(scale), block)
-        return where[name].get_tensor(name).float()
-
-    out = {}
-    for plan in plan_tensors(shapes, args):
-        t = build_tensor(plan, [read(s) for s in plan.sources], args)
-        raw = np.ascontiguousarray(t.numpy(), dtype=np.float32).reshape(-1).view(np.uint8)
-        out[plan.name] = TensorRef(plan.name, gguf.GGMLQuantizationType.F32, tuple(t.shape), raw, 0)
-    return out

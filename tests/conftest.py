@@ -54,6 +54,18 @@ def hf_fp8(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
+def native_kernels():
+    """`quant.native`, built (or found in TORCH_EXTENSIONS_DIR's cache) when the first test that needs it runs, not
+    while the tests are collected: a failed build skips those tests with the compiler's reason, and
+    test_native_kernels.py's test_extension_builds fails on it wherever a C++ compiler is present."""
+    from quant import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.build_error()}")
+    return native
+
+
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"../shared is absent ({SHARED}); it holds the DeepSeek vocabulary and corpus")

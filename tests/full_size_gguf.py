@@ -1,7 +1,7 @@
 """Full-size DeepSeek-V2 / V2-Lite / V3 GGUF files that cost no disk: a real header, metadata and tensor infos, then the
 file truncated to its full length (sparse: the tensor data reads as zeros and occupies no blocks).
 
-The tensor types are llama.cpp's Q4_K_M choice for deepseek2 (`llama-quantize ... Q4_K_M`), from `lite.recipes`
+The tensor types are llama.cpp's Q4_K_M choice for deepseek2 (`llama-quantize ... Q4_K_M`), from `lite.convert.recipes`
 (the converter's `--recipe q4_k_m`, which follows llama.cpp's `llama_tensor_get_type`): Q4_K by default;
 `output.weight` Q6_K; `ffn_down`, `ffn_down_shexp` and `ffn_down_exps` Q6_K on the "more bits" layers
 (use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2, n = block_count); a K-quant on a row (GGUF
@@ -21,8 +21,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from lite.config import add_metadata, gguf_metadata_from_hf
-from lite.recipes import choose, use_more_bits
+from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
+from lite.convert.recipes import choose, use_more_bits
 
 __all__ = ["CONFIGS", "MOSTLY_Q4_K_M", "tensor_shapes", "tensor_types", "use_more_bits", "write_full_size_gguf"]
 

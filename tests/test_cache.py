@@ -56,8 +56,9 @@ def test_session_cache_holds_only_latents(hf_lite):
     """A model's session allocates layers × ctx × (kv_lora_rank + qk_rope_head_dim) values, nothing else."""
     import json
 
+    from hf_helpers import tensors_from_hf
+
     from lite.loader import Model
-    from lite.weights import tensors_from_hf
 
     args = ModelArgs.from_hf(json.loads((hf_lite / "config.json").read_text()))
     session = Model(args, tensors_from_hf(hf_lite, args), device="cpu").session(20)

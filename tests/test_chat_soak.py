@@ -1,23 +1,12 @@
-"""A long chat through a pseudo-terminal (benchmarks/soak_chat.py, shortened): no turn fails and memory stays
-flat once the first turns have warmed up (it grew by a fifth in 60 turns before bf16 GEMM rows were bucketed)."""
+"""A long chat through a pseudo-terminal (tests/soak.py, which benchmarks/soak_chat.py runs longer): no turn fails
+and memory stays flat once the first turns have warmed up (it grew by a fifth in 60 turns before bf16 GEMM rows
+were bucketed)."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pexpect")
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_soak():
-    spec = importlib.util.spec_from_file_location("soak_chat", ROOT / "benchmarks" / "soak_chat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_long_chat_keeps_working_and_its_memory_flat():
@@ -25,7 +14,8 @@ def test_a_long_chat_keeps_working_and_its_memory_flat():
 
     if not DEFAULT_MODEL.is_file():
         pytest.skip("the bundled demo model is missing")
-    soak = load_soak()
+    import soak
+
     r = soak.soak(60, every=10, clear_every=0, env={"OMP_NUM_THREADS": "1"})
     assert r["errors"] == []
     assert r["drops"] > 0 and r["regens"] == 1  # the context filled and old turns were dropped; /regen ran

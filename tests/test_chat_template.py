@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hf_helpers import tokenizer_from_hf
 from tiny_tokenizer import BOS, EOS, write_tiny_tokenizer
 
 from lite.chat_template import DEEPSEEK_V2_CHAT_TEMPLATE, render_chat_template
+from lite.convert.tokenizer_meta import tokenizer_metadata_from_hf
 from lite.errors import LiteError
 from lite.tokenizer import Tokenizer
-from lite.tokenizer_gguf import tokenizer_metadata_from_hf
 
 SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
 MULTI_TURN = [
@@ -43,7 +44,7 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
-    return Tokenizer.from_hf(tiny_dir)
+    return tokenizer_from_hf(tiny_dir)
 
 
 @pytest.mark.parametrize("gen", [True, False])

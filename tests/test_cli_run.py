@@ -34,13 +34,12 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_run_greedy_matches_transformers(tiny):
+    from hf_helpers import tokenizer_from_hf
     from transformers import DeepseekV2ForCausalLM
-
-    from lite.tokenizer import Tokenizer
 
     model, hf = tiny
     rec = json.loads(lite_subprocess("run", str(model), "--json", "-p", "The experts", "--temp", "0", "-n", "6").stdout)
-    tok = Tokenizer.from_hf(hf)
+    tok = tokenizer_from_hf(hf)
     ids = tok.encode("The experts", add_bos=True)
     assert rec["prompt_tokens"] == len(ids)
     ref = DeepseekV2ForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
@@ -75,7 +74,7 @@ def test_run_seeded_sampling_is_reproducible_and_streams(tiny, lite):
 
 
 def test_run_chat_template_and_system(tiny, lite):
-    from lite.tokenizer import Tokenizer
+    from hf_helpers import tokenizer_from_hf
 
     model, hf = tiny
     rec = json.loads(
@@ -84,7 +83,7 @@ def test_run_chat_template_and_system(tiny, lite):
         ).stdout
     )
     msgs = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hello"}]
-    assert rec["prompt_tokens"] == len(Tokenizer.from_hf(hf).apply_chat_template(msgs))
+    assert rec["prompt_tokens"] == len(tokenizer_from_hf(hf).apply_chat_template(msgs))
     for key in ("generated_tokens", "prompt_seconds", "generation_seconds", "ttft_seconds"):
         assert rec[key] >= 0
 

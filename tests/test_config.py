@@ -7,10 +7,13 @@ import json
 import gguf
 import pytest
 import torch
+from hf_helpers import merge_kv_b
 
-from lite.config import ARCH, ModelArgs, add_metadata, gguf_metadata_from_hf
+from lite.config import ARCH, ModelArgs
+from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
+from lite.convert.names import build_tensor, plan_tensors
 from lite.errors import LiteError
-from lite.gguf_names import build_tensor, merge_kv_b, plan_tensors, split_kv_b
+from lite.weights import split_kv_b
 
 
 def _config(ckpt) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import gguf
@@ -14,14 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import lite.convert as convert_mod
+import lite.convert.writer as convert_mod
 from lite.config import ModelArgs
 from lite.convert import convert
 from lite.errors import LiteError
 from quant.formats import quantize
 from quant.gguf_file import GGUFFile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 Q = gguf.GGMLQuantizationType
 

@@ -17,7 +17,7 @@ def leftovers(folder: Path) -> list[str]:
 
 def interrupt_on_chunk(monkeypatch, n: int, action) -> None:
     """Run `action()` while the converter writes its `n`-th chunk of tensor data (mid-file)."""
-    from lite import convert
+    from lite.convert import writer as convert
 
     real = convert._write_chunk
     calls = {"n": 0}
@@ -82,7 +82,7 @@ def test_disk_full_mid_file(hf_lite, tmp_path, lite, monkeypatch):
 
 
 def test_unreadable_checkpoint(hf_lite, tmp_path, lite, monkeypatch):
-    from lite import convert_sources
+    from lite.convert import sources as convert_sources
 
     shard = next(hf_lite.glob("*.safetensors"))
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import lite.convert as convert_mod
+import lite.convert.writer as convert_mod
 from lite.convert import convert
+from lite.convert.recipes import choose
 from lite.errors import LiteError
-from lite.recipes import choose
 from quant.formats import dequantize, quantize
 from quant.gguf_file import GGUFFile
 

@@ -10,13 +10,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from hf_helpers import merge_kv_b, tensors_from_hf
 
 import lite
-from lite.config import ARCH, ModelArgs, add_metadata, gguf_metadata_from_hf
+from lite.config import ARCH, ModelArgs
+from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
 from lite.errors import LiteError
-from lite.gguf_names import merge_kv_b
 from lite.loader import Model
-from lite.weights import tensors_from_hf
 from quant.gguf_file import TensorRef
 
 TOKENS = [0, 17, 200, 45, 9, 300, 511, 2, 77, 150, 33, 64, 480, 5, 260, 99]
@@ -113,7 +113,7 @@ def test_parity_through_gguf_file(hf_lite, tmp_path):
 
 
 def test_parity_converted(hf_checkpoint, tmp_path):
-    import lite.convert as convert
+    import lite.convert.writer as convert
 
     out = tmp_path / "conv.gguf"
     convert.convert(hf_checkpoint, out, outtype="f32")

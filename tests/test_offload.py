@@ -4,7 +4,6 @@ routing sequences, and the trace recorder on a real model."""
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
 import gguf
@@ -17,8 +16,6 @@ from offload.engine import ExpertEngine
 from quant.gguf_file import GGUFFile
 
 Q = gguf.GGMLQuantizationType
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 PROMPT = [0, 5, 17, 300, 42, 7, 99, 100, 101, 3, 250, 11]
 DECODE = [8, 400, 77, 2]
@@ -228,14 +225,12 @@ def test_fewer_slots_than_active_experts(tiny_gguf):
     assert e.stats()["total"]["misses"] == 8
 
 
+@pytest.mark.usefixtures("native_kernels")
 def test_one_token_runs_its_experts_in_one_native_call(tiny_gguf):
     """On the CPU the default recipe's experts stay GGUF bytes, and a decode step's experts run in one fused native
     call: the chained per-expert matmuls up to an exp() ulp that may flip one 8-bit code of the hidden state."""
     from offload.experts import moe_one_token
-    from quant import native
 
-    if not native.available():
-        pytest.skip(f"native kernels unavailable: {native.build_error()}")
     e = engine_for(tiny_gguf, 8, {}, prefetch=False, miss_policy="fetch")
     assert e.native_layers[1] and e.store.read_cpu((1, 0)).native
     x = torch.randn(1, e.specs[1].hidden, generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ from quant.qmatrix import DEQUANT_FROM_ROWS, INT4_TYPES, NATIVE_TYPES, QMatrix
 Q = gguf.GGMLQuantizationType
 U = 2.0**-8  # bf16 keeps 8 significant bits: one rounding to bf16 has relative error <= 2^-8 (unit roundoff)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.build_error()}")
+needs_native = pytest.mark.usefixtures("native_kernels")  # builds on first use, skips with the reason if it cannot
 
 
 def scale_zero_magnitudes(raw: np.ndarray, qtype: Q, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GGUF_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # gguf-py implements these quantizers
 K_TYPES = {Q.Q4_K: "q4_k", Q.Q5_K: "q5_k", Q.Q6_K: "q6_k"}
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native extension: {native.build_error()}")
+pytestmark = pytest.mark.usefixtures("native_kernels")  # builds on first use, skips with the reason if it cannot
 
 
 def awkward(n_blocks: int, seed: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Recipes (lite/recipes.py): llama.cpp's llama_tensor_get_type choices for deepseek2, lite's default, overrides.
+"""Recipes (lite/convert/recipes.py): llama.cpp's tensor-type choices for deepseek2, lite's default, overrides.
 
 The llama.cpp rules are checked here on the full V2-Lite / V2 tensor lists; tests/test_convert_gguf.py compares
 whole files with llama.cpp's own quantizer where llama-cpp-python is installed.
@@ -10,7 +10,7 @@ import gguf
 import pytest
 from full_size_gguf import CONFIGS, tensor_shapes
 
-from lite.recipes import NO_OVERRIDES, Overrides, category, choose, fallback, file_type, use_more_bits
+from lite.convert.recipes import NO_OVERRIDES, Overrides, category, choose, fallback, file_type, use_more_bits
 
 Q = gguf.GGMLQuantizationType
 

@@ -8,12 +8,13 @@ import random
 import gguf
 import pytest
 import regex
+from hf_helpers import tokenizer_from_hf
 from tiny_tokenizer import BOS, EOS, write_tiny_tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 
+from lite.convert.tokenizer_meta import add_tokenizer_metadata, tokenizer_metadata_from_hf
 from lite.errors import LiteError
 from lite.tokenizer import DEEPSEEK_LLM_SPLITS, Tokenizer, deepseek_llm_pre_tokenizer
-from lite.tokenizer_gguf import add_tokenizer_metadata, tokenizer_metadata_from_hf
 
 VOCAB = "vocab/ggml-vocab-deepseek-llm.gguf"
 
@@ -280,7 +281,7 @@ def test_metadata_dict_equals_written_file(tiny_dir, tiny_gguf):
     assert md == on_disk
     assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "deepseek-llm"
     assert md["tokenizer.ggml.token_type"][:2] == [gguf.TokenType.CONTROL] * 2
-    assert Tokenizer.from_hf(tiny_dir).encode("Hello 123 混合") == Tokenizer.from_gguf(tiny_gguf).encode(
+    assert tokenizer_from_hf(tiny_dir).encode("Hello 123 混合") == Tokenizer.from_gguf(tiny_gguf).encode(
         "Hello 123 混合"
     )
 

@@ -11,16 +11,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from hf_helpers import tensors_from_hf
 from safetensors.torch import load_file, save_file
 from test_model import TOKENS, assert_parity
 from tiny_models import reference_logits
 
 import lite
-import lite.convert as convert_mod
-from lite.config import ARCH, ModelArgs, gguf_metadata_from_hf
+import lite.convert.writer as convert_mod
+from lite.config import ARCH, ModelArgs
 from lite.convert import convert
+from lite.convert.hf_meta import gguf_metadata_from_hf
 from lite.errors import LiteError
-from lite.weights import tensors_from_hf
 from quant.gguf_file import GGUFFile
 
 Q = gguf.GGMLQuantizationType

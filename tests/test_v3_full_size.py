@@ -12,7 +12,8 @@ from test_config import V2_HUB, V2_LITE_HUB
 from test_v3_convert import KIMI_K2_HUB, MOONLIGHT_HUB
 
 from cli.main import main
-from lite.config import ARCH, gguf_metadata_from_hf
+from lite.config import ARCH
+from lite.convert.hf_meta import gguf_metadata_from_hf
 from lite.info import family
 from offload.planner import GiB, plan_file
 

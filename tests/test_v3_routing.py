@@ -12,7 +12,8 @@ from test_model import TOKENS, assert_parity, in_memory_model
 from tiny_models import V3_CONFIGS, reference_logits
 
 import lite
-from lite.config import ARCH, ModelArgs, add_metadata, gguf_metadata_from_hf
+from lite.config import ARCH, ModelArgs
+from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
 from lite.errors import LiteError
 from lite.model import gate_scores, rms_norm, route, select_scores
 

@@ -188,7 +188,7 @@ FP8_MAX = 448.0  # the largest float8_e4m3fn value
 def fp8_quantize(w, block: tuple[int, int] = (128, 128)):
     """w [out, in] float32 -> (e4m3 weight [out, in], float32 weight_scale_inv [ceil(out/b0), ceil(in/b1)],
     the exact dequantized float32 weight), as DeepSeek's FP8 checkpoints store it. The dequantized weight is
-    computed here by padding to whole blocks (independently of lite/fp8.py)."""
+    computed here by padding to whole blocks (independently of lite/convert/fp8.py)."""
     import torch
 
     (o, i), (b0, b1) = w.shape, block

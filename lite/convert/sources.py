@@ -22,12 +22,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lite import fp8
-from lite.config import ARCH, add_metadata, gguf_metadata_from_hf
-from lite.convert_plan import Checkpoint, PlannedTensor, plan_types
+from lite.config import ARCH
+from lite.convert import fp8
+from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
+from lite.convert.names import build_tensor
+from lite.convert.plan import Checkpoint, PlannedTensor, plan_types
+from lite.convert.recipes import Overrides
+from lite.convert.tokenizer_meta import add_tokenizer_metadata
 from lite.errors import LiteError
-from lite.gguf_names import build_tensor
-from lite.recipes import Overrides
 from quant.formats import FLOAT_TYPES, nbytes
 from quant.gguf_file import GGUFFile, TensorRef
 
@@ -58,7 +60,7 @@ class Slice:
 
 def hf_slices(ckpt: Checkpoint, t: PlannedTensor, chunk: int) -> Iterator[Slice]:
     """The tensor's rows in order. Each shard is opened (memory-mapped) for this tensor only. FP8 weights are
-    dequantized slice by slice with the matching rows of their block scales (`lite/fp8.py`)."""
+    dequantized slice by slice with the matching rows of their block scales (`fp8.py`)."""
     kind, sources = t.src.kind, t.src.sources
     with ExitStack() as stack:
         files: dict[Path, Any] = {}
@@ -138,11 +140,6 @@ def add_hf_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, notes: list[str]) ->
         # "none" (no tokens) lets llama.cpp load the file for token-id use, as its vocab-less models do
         writer.add_tokenizer_model("none")
         notes.append("no tokenizer.json: the GGUF has no tokenizer (token ids only; `lite chat` needs one)")
-        return False
-    try:
-        from lite.tokenizer_gguf import add_tokenizer_metadata
-    except ImportError:
-        notes.append("tokenizer metadata writer unavailable: the GGUF has no tokenizer")
         return False
     add_tokenizer_metadata(writer, hf_dir)
     if gguf.Keys.Tokenizer.CHAT_TEMPLATE not in writer.kv_data[0]:

@@ -1,6 +1,6 @@
 """A Hugging Face DeepSeek-V2 / V3-family checkpoint (FP8 too), or a deepseek2 GGUF, → GGUF in a recipe's types.
 
-Weights are read one slice at a time (one expert, or a block of rows of a large matrix; `lite/convert_sources.py`),
+Weights are read one slice at a time (one expert, or a block of rows of a large matrix; `sources.py`),
 checked for NaN/Inf, quantized (`quant.formats.quantize`: llama.cpp's reference quantizers, native and
 multi-threaded) and appended to the output, so peak memory stays at one slice plus a constant whatever the model
 size. The GGUF header (metadata and every tensor's type, shape and offset) is known from the plan before any
@@ -28,8 +28,8 @@ import gguf
 import numpy as np
 
 from lite.config import ARCH
-from lite.convert_plan import PlannedTensor, file_type, open_checkpoint, plan, resolve_overrides
-from lite.convert_sources import (
+from lite.convert.plan import PlannedTensor, file_type, open_checkpoint, plan, resolve_overrides
+from lite.convert.sources import (
     Slice,
     add_gguf_metadata,
     add_hf_metadata,
@@ -127,7 +127,7 @@ def convert(
 ) -> ConvertSummary:
     """Convert `source` (an HF checkpoint folder, or a deepseek2 GGUF in F32/F16/BF16/Q8_0) to a GGUF at `out_path`.
 
-    `recipe` picks every tensor's type (`lite/recipes.py`: "lite", the default, or llama.cpp's "q4_k_m",
+    `recipe` picks every tensor's type (`recipes.py`: "lite", the default, or llama.cpp's "q4_k_m",
     "q5_k_m", "q6_k", "q8_0"); `experts` / `rest` override it for the routed experts / the other matrices,
     `outtype` for all weights ("f32" from an HF folder gives an exact file). NaN or Inf in a weight is an error
     naming the tensor unless `allow_nonfinite`. `legacy_kv_b` writes the older single `attn_kv_b` layout (tests).

@@ -5,9 +5,10 @@ llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model.modify_tensors) does:
 - routed experts are stacked per layer: `blk.N.ffn_{gate,up,down}_exps.weight`, torch shape (n_expert, out, in);
 - `kv_b_proj` (n_head·(nope+v), kv_lora) is split per head into
   `attn_k_b` (n_head, kv_lora, nope) — transposed, so the query can absorb it — and `attn_v_b` (n_head, v, kv_lora).
-Legacy files keep the single `attn_kv_b` (n_head·(nope+v), kv_lora); `split_kv_b` turns it into the pair.
+Legacy files keep the single `attn_kv_b` (n_head·(nope+v), kv_lora); `lite.weights.split_kv_b` (the loader's,
+shared so both sides agree) turns it into the pair.
 DeepSeek-V3's `mlp.gate.e_score_correction_bias` (n_expert) becomes `blk.N.exp_probs_b.bias`; FP8 checkpoints'
-`*.weight_scale_inv` belong to their weight (`lite/fp8.py`) and make no tensor of their own.
+`*.weight_scale_inv` belong to their weight (`fp8.py`) and make no tensor of their own.
 
 The converter streams with `plan_tensors` (which HF tensors make each GGUF tensor) and `build_tensor`.
 """
@@ -21,10 +22,10 @@ import gguf
 import torch
 
 from lite.config import ModelArgs
+from lite.convert.fp8 import SCALE_SUFFIX
 from lite.errors import LiteError
-from lite.fp8 import SCALE_SUFFIX
+from lite.weights import split_kv_b
 
-EXPERT_PROJS = ("gate", "up", "down")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")  # transformers-5 in-memory
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
@@ -34,26 +35,6 @@ ROUTER_BIAS = "e_score_correction_bias"  # llama.cpp renames it "e_score_correct
 def expert_stack_name(layer: int, proj: str) -> str:
     """`blk.{layer}.ffn_{proj}_exps.weight` for proj in gate/up/down."""
     return f"blk.{layer}.ffn_{proj}_exps.weight"
-
-
-def gguf_name(hf_name: str, n_layers: int) -> str | None:
-    """The GGUF name of a plain (not expert, not kv_b) HF tensor, or None if llama.cpp has no name for it."""
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, n_layers).get_name(
-        hf_name, try_suffixes=(".weight", ".bias")
-    )
-
-
-def split_kv_b(kv_b: torch.Tensor, n_heads: int, qk_nope_head_dim: int, v_head_dim: int):
-    """kv_b (n_head·(nope+v), kv_lora) → k_b (n_head, kv_lora, nope), v_b (n_head, v, kv_lora), as llama.cpp."""
-    kv_b = kv_b.reshape(n_heads, qk_nope_head_dim + v_head_dim, kv_b.shape[-1])
-    k_b, v_b = torch.split(kv_b, [qk_nope_head_dim, v_head_dim], dim=1)
-    return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
-
-
-def merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
-    """The inverse of `split_kv_b`: (n_head, kv_lora, nope) + (n_head, v, kv_lora) → (n_head·(nope+v), kv_lora)."""
-    kv_b = torch.cat([k_b.transpose(1, 2), v_b], dim=1)  # [n_head, nope+v, kv_lora]
-    return kv_b.reshape(-1, kv_b.shape[-1])
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Loading a GGUF into llama-cpp-python, the optional comparison engine of the decode benchmark and the
-cross-check tests."""
+"""Loading a GGUF into llama-cpp-python, the optional comparison engine of the cross-check tests and of
+benchmarks/bench_decode.py (which imports it from here)."""
 
 from __future__ import annotations
 

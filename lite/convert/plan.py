@@ -1,8 +1,8 @@
 """The converter's plan: read and check an HF checkpoint's headers, then choose each GGUF tensor's type by the
-recipe (`lite/recipes.py`) and the user's overrides.
+recipe (`recipes.py`) and the user's overrides.
 
 Nothing here reads weight data: shapes come from the safetensors headers, so a plan (and `--dry-run`) is
-instant even for a large model. `lite/convert.py` streams the weights through the plan.
+instant even for a large model. `writer.py` streams the weights through the plan.
 """
 
 from __future__ import annotations
@@ -16,22 +16,26 @@ from typing import Any
 import gguf
 from safetensors import SafetensorError, safe_open
 
-from lite import fp8
 from lite.config import ModelArgs
+from lite.convert import fp8
+from lite.convert.names import TensorPlan, plan_tensors
+from lite.convert.recipes import (
+    DEFAULT_RECIPE,
+    NO_OVERRIDES,
+    OUTTYPES,
+    RECIPES,
+    TYPE_NAMES,
+    Choice,
+    Overrides,
+    choose,
+    role_of,
+)
+from lite.convert.recipes import file_type as recipe_file_type
 from lite.errors import LiteError
-from lite.gguf_names import TensorPlan, plan_tensors
-from lite.recipes import DEFAULT_RECIPE, NO_OVERRIDES, RECIPES, Choice, Overrides, choose, role_of
-from lite.recipes import file_type as recipe_file_type
 from quant.formats import nbytes
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_ARCHS = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")  # V3: also R1, Moonlight, Kimi-K2
-# --experts / --rest: any type lite writes; --outtype: one type for every weight (norms and routers stay F32)
-TYPE_NAMES = {
-    "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "q4_0": Q.Q4_0, "q5_0": Q.Q5_0, "q8_0": Q.Q8_0,
-    "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32,
-}  # fmt: skip
-OUTTYPES = ("f32", "bf16", "f16", "q8_0")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _DTYPE_BYTES = {"F8_E4M3": 1, "F8_E5M2": 1}
 _DTYPE_BYTES |= {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -73,7 +77,7 @@ class Checkpoint:
     dtypes: dict[str, str]
     shard_of: dict[str, Path]
     shard_files: list[Path] = field(default_factory=list)
-    scales: dict[str, str] = field(default_factory=dict)  # FP8 weight → its weight_scale_inv (lite/fp8.py)
+    scales: dict[str, str] = field(default_factory=dict)  # FP8 weight → its weight_scale_inv (fp8.py)
     fp8_block: tuple[int, int] = fp8.DEFAULT_BLOCK
     mtp_layers: int = 0  # multi-token-prediction layers (index ≥ num_hidden_layers): skipped, as llama.cpp does
 

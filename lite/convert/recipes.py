@@ -27,6 +27,13 @@ Q = gguf.GGMLQuantizationType
 QK_K = 256
 RECIPES = ("lite", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 DEFAULT_RECIPE = "lite"
+# --experts / --rest: any type lite writes; --outtype: one type for every weight (norms and routers stay F32).
+# `lite convert`'s choices are these tables.
+TYPE_NAMES = {
+    "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "q4_0": Q.Q4_0, "q5_0": Q.Q5_0, "q8_0": Q.Q8_0,
+    "bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32,
+}  # fmt: skip
+OUTTYPES = ("f32", "bf16", "f16", "q8_0")
 # llama.cpp ftype -> its default type and general.file_type
 LLAMA_FTYPES = {
     "q4_k_m": (Q.Q4_K, gguf.LlamaFileType.MOSTLY_Q4_K_M),
