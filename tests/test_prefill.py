@@ -16,8 +16,8 @@ from quant.qmatrix import QMatrix
 
 Q = gguf.GGMLQuantizationType
 U = 2.0**-8  # unit roundoff of bf16
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.build_error()}")
-EXPAND_TYPES = [Q(v) for v in native.DEQUANT_QTYPES.values()] if native.available() else []
+needs_native = pytest.mark.usefixtures("native_kernels")  # builds on first use, skips with the reason if it cannot
+EXPAND_TYPES = [Q(v) for v in native.DEQUANT_QTYPES.values()]
 
 
 def _blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:
