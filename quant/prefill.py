@@ -25,9 +25,13 @@ from quant.formats import dequantize
 
 Q = gguf.GGMLQuantizationType
 
-# Rows from which expand + bf16 GEMM beats the 8-bit block kernel, on DeepSeek-V2-Lite's expert and attention
-# shapes (2 threads, AMD EPYC with AVX512-BF16, `bench_prefill.py --kernels`).
-FROM_ROWS = {Q.Q8_0: 16, Q.Q4_0: 8, Q.Q5_0: 8, Q.Q4_K: 16, Q.Q6_K: 16}
+# Rows from which expand + bf16 GEMM beats the 8-bit block kernel for one 2048x2048 weight (CPU time, 1 thread,
+# AMD EPYC with AVX512-BF16; 2026-12-05): the 32-value types and Q6_K cross at ~10 rows, Q4_K (the cheapest
+# 8-bit kernel) at ~20.
+FROM_ROWS = {Q.Q8_0: 12, Q.Q4_0: 12, Q.Q5_0: 12, Q.Q4_K: 20, Q.Q6_K: 12}
+# ... and for a whole expert (gate/up Q4_K, down Q8_0 or Q5_0: `bench_prefill.py --kernels`), where fusing gate
+# and up into one GEMM moves the crossover to ~14 rows.
+SWIGLU_FROM_ROWS = 16
 
 # oneDNN, which runs torch's bf16 GEMMs on the CPU, builds and caches (up to 1024) a primitive for every shape
 # it meets, ~0.6 MiB each: a chat's prefill chunks of 96..128 rows grew the process by 100 MiB over a few hundred

@@ -92,12 +92,12 @@ def test_expert_prefill_is_the_swiglu_of_the_exact_weights() -> None:
     mats = [QMatrix.from_gguf(r, t, s) for r, t, s in zip(raws, types, [(inter, hidden)] * 2 + [(hidden, inter)])]
     expert = ExpertWeights(*mats)
     dense = [m.dequantize().double() for m in mats]
-    m = mats[0].expand_from + int(rng.integers(0, 40))
+    m = prefill.SWIGLU_FROM_ROWS + int(rng.integers(0, 40))
     x = torch.randn(m, hidden) * 0.5
     ref = F.linear(F.silu(F.linear(x.double(), dense[0])) * F.linear(x.double(), dense[1]), dense[2])
     y = expert(x)
     assert torch.equal(y, prefill.swiglu(x, *(q.gguf_weight for q in mats)))
     assert ((y.double() - ref).norm() / ref.norm()) < 4 * U  # bf16 inputs to each GEMM: ~U relative
-    few = x[: mats[0].expand_from - 1]
+    few = x[: prefill.SWIGLU_FROM_ROWS - 1]
     want_few = mats[2](F.silu(mats[0](few)) * mats[1](few))  # chained 8-bit kernels
     assert torch.equal(expert(few), want_few)
