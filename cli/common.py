@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from lite import threads
-from lite.errors import LiteError
+from lite.errors import ContextTooSmall, LiteError
 from lite.sampling import SamplingParams, check
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "lite" / "data" / "demo.gguf"
@@ -62,6 +62,11 @@ def unexpected(e: BaseException) -> str:
         text = text[:197] + "..."
     what = type(e).__name__ + (f": {text}" if text else "")
     return f"error: unexpected {what} (a bug in lite; run again with --debug for the traceback)"
+
+
+def user_message(e: LiteError) -> str:
+    """A library error as the CLI says it: where the context is too small, the flag that sets it."""
+    return f"{e} (-c/--ctx-size)" if isinstance(e, ContextTooSmall) else str(e)
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
