@@ -101,11 +101,10 @@ class SamplingParams:
     def from_metadata(cls, metadata: Mapping[str, Any] | None, **overrides: Any) -> SamplingParams:
         """The model's recommended values (its GGUF's `general.sampling.*`) with `overrides` on top (None means
         not given), lite's defaults for the rest. A bad value in the file raises LiteError naming its key."""
-        values: dict[str, Any] = {}
+        values = {name: v for name, v in overrides.items() if v is not None}
         for name, key in METADATA_KEYS.items():
-            if metadata and metadata.get(key) is not None:
+            if name not in values and metadata and metadata.get(key) is not None:  # a value given wins, unread
                 values[name] = check(name, metadata[key], f"the model's {key}")
-        values.update({name: v for name, v in overrides.items() if v is not None})
         return cls(**values)
 
 
