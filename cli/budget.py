@@ -18,8 +18,9 @@ from typing import Any
 
 from lite.errors import LiteError
 from offload import sizes
+from offload.policy import check_miss_policy
+from offload.sizes import DEFAULT_CTX
 
-DEFAULT_CTX = 4096
 MIN_CTX = 8
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 _SIZE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(I?)B|B)?$")
@@ -41,10 +42,10 @@ def parse_size(text: str | None, flag: str) -> int | None:
 
 
 def flag_names(message: str, ctx_flag: str = "-c") -> str:
-    """A library message with option names replaced by the CLI flags (and --ctx by `ctx_flag`)."""
+    """A library message with option names replaced by the CLI flags (and "(ctx=N)" by `ctx_flag` N)."""
     for pattern, flag in _FLAGS:
         message = pattern.sub(flag, message)
-    return message if ctx_flag == "--ctx" else re.sub(r"\(--ctx (\d+)\)", rf"({ctx_flag} \1)", message)
+    return re.sub(r"\(ctx=(\d+)\)", rf"({ctx_flag} \1)", message)
 
 
 def resolve_ctx(requested: int | None, limit: int, flag: str, default: int = DEFAULT_CTX) -> int:
@@ -118,9 +119,10 @@ def offload_options(args: argparse.Namespace, sizes: Any) -> dict[str, Any]:
         opts["expert_cache"] = expert_slots(args.expert_cache, sizes)
     policy = getattr(args, "miss_policy", None)
     if policy:
-        if policy not in ("auto", "fetch", "cpu"):
-            raise LiteError(f"--miss-policy takes auto, fetch or cpu, got {policy!r}")
-        opts["miss_policy"] = policy
+        try:
+            opts["miss_policy"] = check_miss_policy(policy)
+        except LiteError as e:
+            raise LiteError(flag_names(str(e))) from None
     prefetch = getattr(args, "prefetch", None)
     if prefetch is not None:
         value = prefetch.lower()

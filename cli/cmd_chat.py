@@ -138,7 +138,7 @@ def repl(chat: Chat, console: Console, debug: bool = False) -> None:
             else:
                 stream_reply(chat, console, chat.send(text))
         except LiteError as e:
-            console.print(f"error: {e}", style="red")
+            console.print(f"error: {common.user_message(e)}", style="red")
         except KeyboardInterrupt:
             console.print("(interrupted; the conversation is as it was)", style="yellow")
         except Exception as e:

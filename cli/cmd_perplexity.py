@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise LiteError(f"{path.name} has no tokenizer; convert it from a folder with tokenizer.json")
     tokens = tok.encode(text, add_bos=True)
     n_chunks = len(tokens) // args.ctx
+    if n_chunks < 1:
+        raise LiteError(f"the text has {len(tokens)} tokens, fewer than one chunk of {args.ctx}; use a smaller --ctx")
     if args.chunks is not None:
         n_chunks = min(n_chunks, args.chunks)
     columns = (TextColumn("perplexity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),

@@ -1,4 +1,4 @@
-"""`lite plan MODEL [--gpu-mem X] [--ram X] [-c N]`: where the weights would go, from metadata only."""
+"""`lite plan MODEL [-c N] [--gpu-mem X] [--ram X] ...`: where the weights would go, from metadata only."""
 
 from __future__ import annotations
 
@@ -8,44 +8,26 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from cli import common
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a GGUF model file (only its metadata and tensor sizes are read)")
-    p.add_argument(
-        "--gpu-mem", default=None, metavar="SIZE",
-        help="device budget: bytes, or e.g. 8GiB (default: free VRAM minus a reserve; required for --device cuda "
-        "on a machine without a GPU; on CPU an optional cap on the device tier)",
-    )  # fmt: skip
-    p.add_argument(
-        "--ram", default=None, metavar="SIZE",
-        help="RAM budget for the experts (on CPU also the latent cache and expert slots), e.g. 32GiB; smaller than "
-        "the experts = disk tier (default: available RAM - 2GiB)",
-    )  # fmt: skip
-    p.add_argument(
-        "-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=None, metavar="N",
-        help="context length to size the latent cache for (default: 4096 or the model's, the smaller; more than "
-        "the model's is an error)",
-    )  # fmt: skip
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda when present")
-    p.add_argument(
-        "--experts-on", default=None, choices=["auto", "device", "ram", "disk"],
-        help="where routed experts live (default: decided by the budgets)",
-    )  # fmt: skip
-    p.add_argument(
-        "--expert-cache", default=None, metavar="N|SIZE",
-        help="device expert slots per MoE layer (N), or a byte budget such as 2GiB",
-    )  # fmt: skip
+    common.add_context_arg(p)
+    p.add_argument("--ctx", dest="ctx_size", type=int, help=argparse.SUPPRESS)  # the old spelling
+    common.add_offload_args(p, runtime=False)
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object (bytes as integers)")
+    p.epilog = "On CPU the device tier is RAM: --ram then also holds the latent cache and the expert slots."
 
 
 def run(args: argparse.Namespace) -> int:
-    from cli import budget, common
+    from cli import budget
     from lite.errors import LiteError
     from offload.planner import format_bytes, make_plan
 
     device = budget.planner_device(args.device)
     sizes = budget.model_sizes(common.resolve_model(args.model), device)
-    ctx = budget.resolve_ctx(args.ctx, sizes.context_length, "-c/--ctx")
+    ctx = budget.resolve_ctx(args.ctx_size, sizes.context_length, "-c/--ctx-size")
     opts = budget.offload_options(args, sizes)
     opts.setdefault("experts_on", "auto")
     try:

@@ -11,8 +11,9 @@ import torch
 from rich.console import Console
 
 from cli import common
-from lite.chat import Chat, TurnStats, complete
+from lite.chat import Chat, TurnStats
 from lite.errors import LiteError
+from lite.generate import stream_generate
 from lite.text import decode_input, replaced_note, scrub
 
 
@@ -64,10 +65,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         stats = TurnStats(ctx=ctx)
         prompt = model.tokenizer.encode(prompt_text, add_bos=True)
-        generator = torch.Generator()
+        if len(prompt) >= ctx:
+            raise LiteError(f"the prompt is {len(prompt)} tokens but the context holds {ctx}; raise -c/--ctx-size")
         seed = params.seed if params.seed is not None else random.randrange(2**31)
-        generator.manual_seed(seed)
-        pieces = complete(model, model.session(ctx), prompt, params, generator, args.max_tokens, stats)
+        records = stream_generate(
+            model, prompt, params, max_tokens=args.max_tokens, session=model.session(ctx),
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        pieces = stats.texts(records)
         stats_of = lambda: stats  # noqa: E731
     if args.json:
         for _ in pieces:

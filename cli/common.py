@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 from collections.abc import Iterator
@@ -15,8 +14,9 @@ import torch
 from rich.console import Console
 
 from lite import threads
-from lite.errors import LiteError
-from lite.sampling import SamplingParams, check
+from lite.errors import ContextTooSmall, LiteError
+from lite.sampling import METADATA_KEYS, SamplingParams, check
+from offload.sizes import DEFAULT_CTX, format_bytes
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "lite" / "data" / "demo.gguf"
 DEFAULTS = SamplingParams()
@@ -64,19 +64,24 @@ def unexpected(e: BaseException) -> str:
     return f"error: unexpected {what} (a bug in lite; run again with --debug for the traceback)"
 
 
+def user_message(e: LiteError) -> str:
+    """A library error as the CLI says it: where the context is too small, the flag that sets it."""
+    return f"{e} (-c/--ctx-size)" if isinstance(e, ContextTooSmall) else str(e)
+
+
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model", nargs="?", metavar="MODEL", help="a .gguf file (default: the bundled demo model lite/data/demo.gguf)"
     )
 
 
-# flag -> (SamplingParams field, GGUF key with the model's recommended value, as llama.cpp reads it)
+# flag (its argparse dest) -> SamplingParams field
 SAMPLING_FLAGS = {
-    "temp": ("temperature", "general.sampling.temp"),
-    "top_k": ("top_k", "general.sampling.top_k"),
-    "top_p": ("top_p", "general.sampling.top_p"),
-    "min_p": ("min_p", "general.sampling.min_p"),
-    "repeat_penalty": ("repeat_penalty", "general.sampling.penalty_repeat"),
+    "temp": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
 }
 
 
@@ -100,21 +105,25 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = DEFAULT_MAX_
     g.add_argument("--seed", type=int, metavar="N", help="random seed; the same seed and settings give the same output")
 
 
-def add_context_arg(p: argparse.ArgumentParser, help_default: str = "4096 or the model's, the smaller") -> None:
+def add_context_arg(
+    p: argparse.ArgumentParser, help_default: str = f"{DEFAULT_CTX} or the model's, the smaller"
+) -> None:
     p.add_argument(
         "-c", "--ctx-size", type=int, default=None, metavar="N",
         help=f"context length in tokens (default: {help_default}; more than the model's is an error)",
     )  # fmt: skip
 
 
-def add_offload_args(p: argparse.ArgumentParser) -> None:
+def add_offload_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+    """The memory flags; `runtime=False` (lite plan) leaves out those that only matter while running."""
     g = p.add_argument_group("memory (where the routed experts live; see `lite plan`)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (%(default)s)")
-    g.add_argument(
-        "-t", "--threads", type=int, metavar="N",
-        help="CPU threads (default: the cores that other programs leave free, up to the physical cores; re-checked "
-        "every 0.5 s)",
-    )  # fmt: skip
+    if runtime:
+        g.add_argument(
+            "-t", "--threads", type=int, metavar="N",
+            help="CPU threads (default: the cores that other programs leave free, up to the physical cores; "
+            "re-checked every 0.5 s)",
+        )  # fmt: skip
     g.add_argument(
         "--gpu-mem", metavar="SIZE",
         help="device memory budget: bytes, or e.g. 6GiB, 500MB (default: free memory - reserve)",
@@ -130,6 +139,8 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
         "--expert-cache", metavar="N|SIZE", default=None,
         help="device expert cache: N slots per MoE layer, or a byte budget such as 2GiB (default: planned)",
     )  # fmt: skip
+    if not runtime:
+        return
     g.add_argument(
         "--prefetch", metavar="on|off|N", default=None,
         help="router-predicted prefetch of the next layers' experts: on, off, or a lookahead in layers",
@@ -145,20 +156,19 @@ def sampling_params(args: argparse.Namespace, metadata: dict[str, Any] | None = 
     """Flags first, then the model's recommended values (GGUF `general.sampling.*`), then lite's defaults;
     each checked by `lite.sampling.check` under the name the user gave it. Call it once without metadata
     before loading, to reject bad flags early."""
-    md = metadata or {}
     values: dict[str, Any] = {}
-    for flag, (field, key) in SAMPLING_FLAGS.items():
-        value, label = getattr(args, flag), f"--{flag.replace('_', '-')}"
-        if value is None and key in md:
-            value, label = md[key], f"the model's {key} (override it with {label})"
-        if value is not None:
-            values[field] = check(field, value, label)
-    if "general.sampling.penalty_last_n" in md:
-        key = "general.sampling.penalty_last_n"
-        values["repeat_last_n"] = check("repeat_last_n", md[key], f"the model's {key}")
+    for flag, field in SAMPLING_FLAGS.items():
+        if getattr(args, flag) is not None:
+            values[field] = check(field, getattr(args, flag), f"--{flag.replace('_', '-')}")
     values["seed"] = check("seed", args.seed, "--seed")
     check("max_tokens", args.max_tokens, "-n/--max-tokens")
-    return SamplingParams(**values)
+    try:
+        return SamplingParams.from_metadata(metadata, **values)
+    except LiteError as e:  # a bad value in the file: name the flag that overrides it
+        flags = [
+            f"--{flag.replace('_', '-')}" for flag, field in SAMPLING_FLAGS.items() if METADATA_KEYS[field] in str(e)
+        ]
+        raise LiteError(f"{e}; override it with {flags[0]}" if flags else str(e)) from None
 
 
 def resolve_model(path: str | None) -> Path:
@@ -182,7 +192,7 @@ def load_model(
     console: Console,
     ctx: int | None = None,
     ctx_flag: str = "-c/--ctx-size",
-    ctx_default: int = 4096,
+    ctx_default: int = DEFAULT_CTX,
 ) -> tuple[Any, Path]:
     """Resolve MODEL and load it quietly, with a spinner on a terminal. The context (`ctx`, else -c, else
     min(`ctx_default`, the model's)) is settled and checked against the model before budgets are planned."""
@@ -222,7 +232,7 @@ def set_threads(n: int | None) -> threads.ThreadGovernor | None:
 
 
 def context_size(args: argparse.Namespace, model: Any) -> int:
-    """-c, or min(4096, the model's context); as `load_model` planned it."""
+    """-c, or min(DEFAULT_CTX, the model's context); as `load_model` planned it."""
     from cli import budget
 
     return budget.resolve_ctx(args.ctx_size, int(model.max_context), "-c/--ctx-size")
@@ -238,36 +248,22 @@ def stat_value(key: str, value: Any) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    """Sizes in the footer and tables: the planner's units, one decimal."""
+    return format_bytes(n, digits=1)
 
 
 def model_summary(path: Path) -> dict[str, Any]:
-    """Name, family, dominant expert quant type, bits per weight (experts and overall) from the GGUF's tensor table."""
-    from collections import Counter
+    """Name, family, expert quant types (most first), bits per weight (experts and overall): `lite.info.describe`."""
+    from lite.info import describe
 
-    from lite.info import family
-    from quant.gguf_file import GGUFFile
-
-    f = GGUFFile(str(path))
-    expert_types: Counter[str] = Counter()
-    bits = numel = ebits = enumel = 0
-    for t in f.tensors.values():
-        n = math.prod(t.shape)
-        bits, numel = bits + 8 * t.nbytes, numel + n
-        if "_exps." in t.name:
-            expert_types[t.qtype.name] += n
-            ebits, enumel = ebits + 8 * t.nbytes, enumel + n
+    d = describe(path)
     return {
-        "name": str(f.metadata.get("general.name") or path.stem),
-        "family": family(f.metadata),
-        "expert_quant": "+".join(q for q, _ in expert_types.most_common()) or "none",
-        "expert_bpw": ebits / enumel if enumel else None,
-        "bpw": bits / numel if numel else None,
-        "size": path.stat().st_size,
+        "name": str(d["metadata"].get("general.name") or path.stem),
+        "family": d["family"],
+        "expert_quant": "+".join(d["expert_types"]) or "none",
+        "expert_bpw": d["expert_bits_per_weight"],
+        "bpw": d["bits_per_weight"] if d["n_params"] else None,
+        "size": d["file_bytes"],
     }
 
 

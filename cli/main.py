@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0
-    from cli.common import Terminated, unexpected
+    from cli.common import Terminated, unexpected, user_message
     from lite.errors import LiteError
 
     debug = bool(getattr(args, "debug", False))
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     except LiteError as e:  # a user error: one clear line naming the fix
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except Exception as e:
         if debug:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from lite.errors import LiteError
+from lite.errors import ContextTooSmall, LiteError
+from lite.generate import stream_generate
+from lite.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
 
 
 def summarize(values: list[float]) -> dict[str, float]:
@@ -39,25 +42,23 @@ def bench(
 ) -> dict[str, Any]:
     """Run the benchmark; returns plain data: per-repetition figures, their summaries and `model.stats()`."""
     if n_prompt < 1 or n_gen < 1 or repetitions < 1:
-        raise LiteError("-p, -n and -r must each be at least 1")
+        raise LiteError("n_prompt, n_gen and repetitions must each be at least 1")
     ctx = ctx or n_prompt + n_gen
     if n_prompt + n_gen > ctx:
-        raise LiteError(f"-p {n_prompt} plus -n {n_gen} exceeds the context {ctx}; lower them or raise -c")
+        raise ContextTooSmall(
+            f"{n_prompt} prompt plus {n_gen} generated tokens exceed the context of {ctx}; lower them or use a "
+            "larger context"
+        )
     vocab = int(model.config.vocab_size)
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (n_prompt,), generator=g).tolist()
     session = model.session(ctx)
 
     def one_run(n_p: int, n_g: int) -> tuple[float, float, float]:
+        """(prefill, decode (n_g - 1 steps), TTFT) seconds: greedy, never stopping at an end token."""
         session.reset()
-        t0 = time.perf_counter()
-        logits = session.feed(prompt[:n_p])
-        tok = int(torch.argmax(logits))
-        t1 = time.perf_counter()
-        for _ in range(n_g - 1):
-            tok = int(torch.argmax(session.feed([tok])))
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, t1 - t0  # prefill, decode (n_g - 1 steps), TTFT
+        *_, last = stream_generate(model, prompt[:n_p], GREEDY, max_tokens=n_g, session=session, ignore_eos=True)
+        return last.ttft, last.generation_seconds, last.ttft
 
     one_run(min(n_prompt, 16), min(n_gen, 4))  # warm-up: first-call allocations, kernel selection
     model.reset_stats()

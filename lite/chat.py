@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
-from lite.errors import LiteError
-from lite.generate import common_prefix
-from lite.sampling import SamplingParams, check, sample
+from lite.errors import ContextTooSmall, LiteError
+from lite.generate import GenerationResponse, common_prefix, process_peak_rss, stream_generate
+from lite.sampling import SamplingParams, check
 from lite.text import replaced_note, scrub
+
+__all__ = ["Chat", "TurnStats", "process_peak_rss", "render_prompt"]
 
 FORMAT = "lite-chat"
 SETTINGS = ("temp", "top_p", "top_k", "min_p", "max_tokens", "seed", "repeat_penalty")
@@ -65,30 +65,23 @@ class TurnStats:
         n = self.cache_hits + self.cache_misses
         return self.cache_hits / n if n else None
 
+    def add(self, r: GenerationResponse) -> None:
+        """Take in one record of `stream_generate`: its token and text, and the figures so far."""
+        if r.token is not None and r.finish_reason != "stop":  # an end token is not part of the reply
+            self.token_ids.append(r.token)
+        self.text += r.text
+        self.prompt_tokens, self.prompt_len, self.prompt_seconds = r.prompt_tokens, r.prompt_len, r.prompt_seconds
+        self.gen_tokens, self.gen_seconds, self.ttft = r.generation_tokens, r.generation_seconds, r.ttft
+        self.ctx_used, self.cache_hits, self.cache_misses = r.ctx_used, r.cache_hits, r.cache_misses
+        self.peak_rss, self.peak_gpu = r.peak_rss, r.peak_gpu
+        self.finish = r.finish_reason or self.finish
 
-_peak_seen = 0
-
-
-def process_peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes; it never goes down. The kernel's high-water mark
-    (getrusage; updated lazily) combined with every RSS this function has seen."""
-    global _peak_seen
-    current = psutil.Process().memory_info().rss
-    try:
-        import resource
-
-        kernel = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-        kernel = kernel if sys.platform == "darwin" else kernel * 1024
-    except ImportError:  # Windows
-        kernel = 0
-    _peak_seen = max(_peak_seen, current, kernel)
-    return _peak_seen
-
-
-def cache_counts(stats: dict[str, Any]) -> tuple[int, int]:
-    """(hits, misses) of the expert cache from `model.stats()`; (0, 0) when the backend keeps no stats."""
-    total = stats.get("total", stats) if isinstance(stats, dict) else {}
-    return int(total.get("hits", 0) or 0), int(total.get("misses", 0) or 0)
+    def texts(self, records: Iterable[GenerationResponse]) -> Generator[str, None, None]:
+        """The records' non-empty text pieces, taking each record in (`add`) as it passes."""
+        for r in records:
+            self.add(r)
+            if r.text:
+                yield r.text
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], held: list[int]) -> list[int]:
@@ -125,16 +118,14 @@ class Chat:
         params: SamplingParams | None = None,
         max_tokens: int = 512,
         ctx: int | None = None,
-        prefill_chunk: int = 128,
     ):
         if getattr(model, "tokenizer", None) is None:
             raise LiteError("this model file has no tokenizer; convert it from a folder with tokenizer.json")
         self.model = model
         self.tokenizer = model.tokenizer
         self.session = model.session(ctx)
-        self.params = params or SamplingParams()
+        self.params = params or SamplingParams.from_metadata(getattr(model, "metadata", None))
         self.max_tokens = check("max_tokens", max_tokens)
-        self.prefill_chunk = prefill_chunk
         self.messages: list[dict[str, str]] = []
         self.last: TurnStats | None = None
         self._stop = False
@@ -256,9 +247,9 @@ class Chat:
             if len(self.messages) - first <= 1:  # only the new message is left
                 n = len(prompt)
                 self.messages.pop()
-                raise LiteError(
+                raise ContextTooSmall(
                     f"the message needs {n} tokens plus {reserve} for the reply but the context holds {self.ctx}; "
-                    "shorten it or raise -c/--ctx-size"
+                    "shorten it or use a larger context"
                 )
             del self.messages[first]  # the oldest user message, and its reply with it
             if len(self.messages) > first + 1 and self.messages[first]["role"] == "assistant":
@@ -278,10 +269,18 @@ class Chat:
             prompt = self._fit(stats)
             if stats.dropped_turns:
                 stats.notes.append(f"context full: dropped the oldest {stats.dropped_turns} turn(s)")
-            yield from complete(
-                self.model, self.session, prompt, self.params, self.generator, self.max_tokens, stats,
-                should_stop=lambda: self._stop, prefill_chunk=self.prefill_chunk, t0=t0,
-            )  # fmt: skip
+            yield from stats.texts(
+                stream_generate(
+                    self.model,
+                    prompt,
+                    self.params,
+                    max_tokens=self.max_tokens,
+                    session=self.session,
+                    generator=self.generator,
+                    should_stop=lambda: self._stop,
+                    t0=t0,
+                )  # fmt: skip
+            )
         except BaseException:
             self.messages = before
             stats.finish = "error"
@@ -302,82 +301,3 @@ class Chat:
             "settings": self.settings(),
             "last": asdict(self.last) if self.last else None,
         }
-
-
-def complete(
-    model: Any,
-    session: Any,
-    prompt: list[int],
-    params: SamplingParams,
-    generator: torch.Generator,
-    max_tokens: int,
-    stats: TurnStats,
-    *,
-    should_stop: Callable[[], bool] = lambda: False,
-    prefill_chunk: int = 128,
-    t0: float | None = None,
-) -> Generator[str, None, None]:
-    """Bring `session` to `prompt` (re-using the prefix it already holds), then sample up to `max_tokens`
-    tokens, yielding UTF-8-safe text pieces. Fills `stats` (timings, counts, finish reason, text)."""
-    t0 = time.perf_counter() if t0 is None else t0
-    hits0, misses0 = cache_counts(model.stats())
-    tokenizer = model.tokenizer
-    ctx = session.ctx
-    if len(prompt) >= ctx:
-        raise LiteError(f"the prompt is {len(prompt)} tokens but the context holds {ctx}; raise -c/--ctx-size")
-    # keep what the cache already holds, feed the rest (at least the last token, for its logits)
-    keep = min(common_prefix(session.tokens, prompt), len(prompt) - 1)
-    session.rewind(keep)
-    logits = None
-    for i in range(keep, len(prompt), prefill_chunk):
-        if should_stop():
-            logits = None
-            break
-        logits = session.feed(prompt[i : i + prefill_chunk])
-    stats.prompt_tokens = len(session.tokens) - keep
-    stats.prompt_len = len(prompt)
-    stats.prompt_seconds = time.perf_counter() - t0
-
-    stream = tokenizer.stream()
-    eos = tokenizer.eos_id
-    pieces: list[str] = []
-    t_first = t_last = None
-    try:
-        while True:
-            if logits is None or should_stop():
-                stats.finish = "interrupted"
-                break
-            tok = sample(logits, params, session.tokens, generator)
-            stats.gen_tokens += 1
-            t_last = time.perf_counter()
-            if t_first is None:
-                t_first = t_last
-                stats.ttft = t_first - t0
-            if tok == eos:
-                break
-            stats.token_ids.append(tok)
-            piece = stream.add(tok)
-            if piece:
-                pieces.append(piece)
-                yield piece
-            if len(stats.token_ids) >= max_tokens:
-                stats.finish = "length"
-                break
-            if len(session.tokens) >= ctx:
-                stats.finish = "context"
-                break
-            logits = session.feed([tok])
-    finally:
-        tail = stream.flush()
-        pieces.append(tail)
-        stats.text = "".join(pieces)
-        stats.gen_seconds = (t_last - t_first) if t_first is not None and t_last is not None else 0.0
-        stats.ctx_used = len(session.tokens)
-        stats.peak_rss = process_peak_rss()
-        device = getattr(model, "device", None)
-        if isinstance(device, torch.device) and device.type == "cuda":
-            stats.peak_gpu = torch.cuda.max_memory_allocated(device)
-        hits1, misses1 = cache_counts(model.stats())
-        stats.cache_hits, stats.cache_misses = hits1 - hits0, misses1 - misses0
-    if tail:
-        yield tail

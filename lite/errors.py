@@ -2,4 +2,8 @@
 
 from quant.errors import LiteError
 
-__all__ = ["LiteError"]
+__all__ = ["ContextTooSmall", "LiteError"]
+
+
+class ContextTooSmall(LiteError):
+    """A prompt or a reply does not fit the context. The message names no CLI flag: the CLI adds its own."""

@@ -71,13 +71,15 @@ def describe(path: str | os.PathLike[str], *, full: bool = False) -> dict[str, A
     Returns a dict with `path`, `file_bytes`, `architecture`, `family` and `router` (deepseek2 files: see
     `family`, `router`), `metadata` (long arrays and strings abbreviated
     unless `full`), `n_tensors`, `n_params`, `data_bytes`, `bits_per_weight`, `expert_bits_per_weight` (routed
-    expert stacks only; None without them), `types` ({type name: {"count", "params", "bytes"}}) and `tensors`
+    expert stacks only; None without them), `expert_types` ({type name: params} of the routed experts, most
+    first), `types` ({type name: {"count", "params", "bytes"}}) and `tensors`
     (a list of {"name", "type", "shape", "bytes"} in file order). Raises LiteError for a missing or bad file.
     """
     g = GGUFFile(path)
     types: dict[str, dict[str, int]] = {}
     tensors = []
     n_params = data_bytes = exp_params = exp_bytes = 0
+    expert_types: dict[str, int] = {}
     for t in g.tensors.values():
         entry = types.setdefault(t.qtype.name, {"count": 0, "params": 0, "bytes": 0})
         entry["count"] += 1
@@ -88,6 +90,7 @@ def describe(path: str | os.PathLike[str], *, full: bool = False) -> dict[str, A
         if t.name.endswith("_exps.weight"):
             exp_params += t.n_elements
             exp_bytes += t.nbytes
+            expert_types[t.qtype.name] = expert_types.get(t.qtype.name, 0) + t.n_elements
         tensors.append({"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes})
     meta = g.metadata if full else {k: abbreviate(v) for k, v in g.metadata.items()}
     return {
@@ -102,6 +105,7 @@ def describe(path: str | os.PathLike[str], *, full: bool = False) -> dict[str, A
         "data_bytes": data_bytes,
         "bits_per_weight": 8.0 * data_bytes / max(1, n_params),
         "expert_bits_per_weight": 8.0 * exp_bytes / exp_params if exp_params else None,
+        "expert_types": dict(sorted(expert_types.items(), key=lambda kv: -kv[1])),
         "types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])),
         "tensors": tensors,
     }

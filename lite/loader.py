@@ -12,8 +12,7 @@ from lite.errors import LiteError
 from lite.generate import Session, generate
 from lite.model import Transformer, gate_scores, rms_norm
 from lite.weights import load_weights
-
-DEFAULT_CTX = 4096  # a session's default capacity (the model may allow far more: max_position_embeddings)
+from offload.sizes import DEFAULT_CTX  # a session's default capacity (the model may allow far more)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -70,7 +69,7 @@ class Model:
         self.max_context = args.max_position_embeddings
 
     def session(self, ctx: int | None = None) -> Session:
-        """A conversation in one latent cache of `ctx` tokens (default min(4096, the model's context))."""
+        """A conversation in one latent cache of `ctx` tokens (default min(DEFAULT_CTX = 4096, the model's))."""
         ctx = ctx or min(DEFAULT_CTX, self.max_context)
         if not 0 < ctx <= self.max_context:
             raise LiteError(f"ctx={ctx} is out of range; this model allows 1..{self.max_context} tokens")

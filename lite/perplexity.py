@@ -55,10 +55,10 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of `model` over `tokens` in chunks of `ctx`; `progress(done, total, running_ppl)`."""
     if ctx < 4:
-        raise LiteError(f"--ctx {ctx} is too small; use at least 4 tokens")
+        raise LiteError(f"a chunk of {ctx} tokens is too small; use at least 4 tokens")
     n_max = len(tokens) // ctx
     if n_max < 1:
-        raise LiteError(f"the text has {len(tokens)} tokens, fewer than one chunk of {ctx}; use a smaller --ctx")
+        raise LiteError(f"the text has {len(tokens)} tokens, fewer than one chunk of {ctx}; use smaller chunks")
     if chunks is not None and chunks < 1:
         raise LiteError(f"chunks must be at least 1 (None scores every chunk), got {chunks}")
     n = n_max if chunks is None else min(chunks, n_max)

@@ -11,6 +11,7 @@ one of 1e300 (almost) uniform over the kept tokens, and a repeat penalty of 1e-3
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Any
@@ -66,6 +67,17 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     return v
 
 
+# SamplingParams field -> the GGUF key holding the model's recommended value (as llama.cpp reads them)
+METADATA_KEYS = {
+    "temperature": "general.sampling.temp",
+    "top_k": "general.sampling.top_k",
+    "top_p": "general.sampling.top_p",
+    "min_p": "general.sampling.min_p",
+    "repeat_penalty": "general.sampling.penalty_repeat",
+    "repeat_last_n": "general.sampling.penalty_last_n",
+}
+
+
 @dataclass
 class SamplingParams:
     """Sampling options; every value is checked on construction (`check`). Use `replace`-style construction
@@ -84,6 +96,16 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for f in fields(self):
             setattr(self, f.name, check(f.name, getattr(self, f.name)))
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any] | None, **overrides: Any) -> SamplingParams:
+        """The model's recommended values (its GGUF's `general.sampling.*`) with `overrides` on top (None means
+        not given), lite's defaults for the rest. A bad value in the file raises LiteError naming its key."""
+        values = {name: v for name, v in overrides.items() if v is not None}
+        for name, key in METADATA_KEYS.items():
+            if name not in values and metadata and metadata.get(key) is not None:  # a value given wins, unread
+                values[name] = check(name, metadata[key], f"the model's {key}")
+        return cls(**values)
 
 
 def apply_repeat_penalty(

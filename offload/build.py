@@ -12,7 +12,7 @@ Options (the same names as the CLI flags):
   slots) start copying in before they are needed.
 - `miss_policy`: "fetch" (copy the missing expert in, wait, compute on the device), "cpu" (compute it on the
   CPU from the host copy), or "auto" (per miss, whichever the measured copy and CPU times say is faster).
-- `ctx`: context to plan the latent cache for (default 4096); `gguf_file` (passed by `lite.load`): lets the
+- `ctx`: context to plan the latent cache for (default DEFAULT_CTX, 4096); `gguf_file` (passed by `lite.load`): lets the
   planner count the dense weights and the latent cache too; `cache_scope`: "layer" (default: each layer has
   its own slots) or "global" (one LRU over all slots); `drop_page_cache`: make disk-tier reads bypass the OS
   page cache (for honest benchmarks); `async_prefetch` (default: on CUDA): predicted ids reach the host without
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from offload.backend import ExpertBackend
+from offload.policy import check_miss_policy
+from offload.sizes import DEFAULT_CTX
 from quant.errors import LiteError
-
-DEFAULT_CTX = 4096
 
 
 def _lookahead(prefetch: bool | int) -> int:
@@ -94,9 +94,10 @@ def build_experts(
     from offload.stores import DiskStore, RamStore
 
     if unknown:
-        raise LiteError(f"unknown option(s) {', '.join(sorted(unknown))} for lite.load; see `lite run --help`")
-    if miss_policy not in ("auto", "fetch", "cpu"):
-        raise LiteError(f"miss_policy must be auto, fetch or cpu (got {miss_policy!r})")
+        raise LiteError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for lite.load; see offload.build_experts for the options"
+        )
+    check_miss_policy(miss_policy)
     if cache_scope not in ("layer", "global"):
         raise LiteError(f"cache_scope must be layer or global (got {cache_scope!r})")
     lookahead = _lookahead(prefetch)

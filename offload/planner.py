@@ -260,10 +260,10 @@ def default_budgets(device: str) -> tuple[int, int]:
 
 
 def _ctx_hint(sizes: ModelSizes, room: int, cache_dtype_bytes: int) -> str:
-    """ "a context of at most N tokens (--ctx N), or " when `room` bytes hold a useful context."""
+    """ "a context of at most N tokens (ctx=N), or " when `room` bytes hold a useful context."""
     per_token = sizes.n_layers * sizes.latent_per_token_layer * cache_dtype_bytes
     fits = room // per_token if per_token else 0
-    return f"a context of at most {fits} tokens (--ctx {fits}), or " if fits >= 256 else ""
+    return f"a context of at most {fits} tokens (ctx={fits}), or " if fits >= 256 else ""
 
 
 @dataclass

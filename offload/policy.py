@@ -12,7 +12,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from quant.errors import LiteError
+
 Key = tuple[int, int]
+MISS_POLICIES = ("auto", "fetch", "cpu")  # see offload/build.py; "auto" picks per miss with `prefer_cpu`
+
+
+def check_miss_policy(value: str) -> str:
+    """`value` if it names a miss policy; else LiteError (the one place that checks it)."""
+    if value not in MISS_POLICIES:
+        raise LiteError(f"miss_policy must be {', '.join(MISS_POLICIES[:-1])} or {MISS_POLICIES[-1]} (got {value!r})")
+    return value
 
 
 class SlotLRU:

@@ -21,6 +21,7 @@ EMBEDDING = "token_embd.weight"
 DENSE_LOADED = re.compile(r"\.attn_(k_b|v_b|kv_b)\.weight$")
 # ...and the routers, always float32.
 FLOAT32_LOADED = re.compile(r"\.ffn_gate_inp\.weight$")
+DEFAULT_CTX = 4096  # the context planned and opened when none is given (the model may allow far more)
 ALIGN = 16  # the offsets of gate, up and down inside a slot, and a slot row's width (quant.device_kernels)
 
 
@@ -48,12 +49,12 @@ def parse_size(value: int | float | str | None, what: str = "size") -> int | Non
     return int(n * (1024 if binary else 1000) ** _UNITS[unit or ""])
 
 
-def format_bytes(n: int | float) -> str:
-    """1.23 GiB / 45.6 MiB / 789 KiB / 12 B."""
+def format_bytes(n: int | float, digits: int = 2) -> str:
+    """1.23 GiB / 45.6 MiB / 789 KiB / 12 B (`digits` after the point)."""
     n = float(n)
     for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.{digits}f} {unit}"
     return f"{int(n)} B"
 
 

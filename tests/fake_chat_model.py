@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lite.errors import LiteError
+from lite.generate import Stopped
 
 VOCAB = 260  # ids 0..255 are bytes, 256 = BOS, 257 = EOS
 BOS, EOS = 256, 257
@@ -58,7 +59,9 @@ class FakeSession:
     def __init__(self, model, ctx):
         self.model, self.ctx, self.tokens = model, ctx, []
 
-    def feed(self, ids, all_logits=False):
+    def feed(self, ids, all_logits=False, should_stop=None):
+        if should_stop is not None and should_stop():  # as a real session does between its prefill chunks
+            raise Stopped
         if len(self.tokens) + len(ids) > self.ctx:
             raise LiteError("past ctx")
         self.model.fed.append(list(ids))

@@ -22,8 +22,11 @@ def _quantize(x: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(x, qtype)
 
 
-def retype(src: str | Path, out: str | Path, choose: Callable[[TensorRef], Q | None]) -> Path:
-    """Copy `src` to `out`; a tensor for which `choose(ref)` names a type is requantized to it."""
+def retype(
+    src: str | Path, out: str | Path, choose: Callable[[TensorRef], Q | None], extra: dict | None = None
+) -> Path:
+    """Copy `src` to `out`; a tensor for which `choose(ref)` names a type is requantized to it. `extra`: more
+    metadata (floats as float32, ints as int32, strings)."""
     f = GGUFFile(src)
     arch = f.metadata["general.architecture"]
     w = gguf.GGUFWriter(str(out), arch)
@@ -35,6 +38,13 @@ def retype(src: str | Path, out: str | Path, choose: Callable[[TensorRef], Q | N
             w.add_key_value(key, f.metadata[key], vtype, sub_type=field.types[-1])
         else:
             w.add_key_value(key, f.metadata[key], vtype)
+    for key, value in (extra or {}).items():
+        if isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, int):
+            w.add_int32(key, value)
+        else:
+            w.add_string(key, value)
     for name, ref in f.tensors.items():
         qtype = choose(ref)
         if qtype is None or qtype == ref.qtype:

@@ -8,7 +8,7 @@ import pytest
 from fake_chat_model import EOS, FakeModel
 
 from lite.chat import Chat
-from lite.errors import LiteError
+from lite.errors import ContextTooSmall, LiteError
 from lite.generate import common_prefix
 from lite.sampling import SamplingParams
 
@@ -96,7 +96,9 @@ def test_context_overflow_drops_oldest_turns():
 
 def test_too_long_message_is_refused():
     chat = Chat(FakeModel(ctx=64), params=GREEDY)
-    with pytest.raises(LiteError, match="-c/--ctx-size"):
+    with pytest.raises(
+        ContextTooSmall, match="the message needs 119 tokens plus 16 .* context holds 64; .*larger context$"
+    ):
         reply(chat, "x" * 100)
     assert chat.messages == []
 
@@ -204,7 +206,7 @@ def test_stopped_regen_keeps_the_previous_answer():
     before = [dict(m) for m in chat.messages]
     original = chat.session.feed
 
-    def feed_then_stop(ids, all_logits=False):  # Ctrl+C during the prefill, before the first token
+    def feed_then_stop(ids, all_logits=False, should_stop=None):  # Ctrl+C during the prefill, before the first token
         chat.stop()
         return original(ids, all_logits)
 
@@ -291,7 +293,7 @@ def scripted(real, forced: list[int]):
                 def __getattr__(self, name):
                     return getattr(inner, name)
 
-                def feed(self, ids, all_logits=False):
+                def feed(self, ids, all_logits=False, should_stop=None):
                     inner.feed(ids)
                     if len(ids) > 1 or ids[-1] not in forced:  # a prompt: start spelling from the top
                         outer.step = 0

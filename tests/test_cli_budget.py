@@ -40,10 +40,10 @@ def test_flag_names():
         "use --experts-on disk or --ram 5 MiB; --expert-cache of 3 slots; --gpu-mem"
     )
     assert (
-        flag_names("use a context of at most 993 tokens (--ctx 993), or")
+        flag_names("use a context of at most 993 tokens (ctx=993), or")
         == "use a context of at most 993 tokens (-c 993), or"
     )
-    assert flag_names("(--ctx 993)", "--ctx") == "(--ctx 993)"
+    assert flag_names("(ctx=993)", "--ctx") == "(--ctx 993)"
 
 
 def test_resolve_ctx():
@@ -64,7 +64,8 @@ def error(r) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("plan", DEMO, "-c", "32768"), "-c/--ctx 32768 exceeds the model's context of 512 tokens; use 512 or less"),
+        (("plan", DEMO, "-c", "32768"), "-c/--ctx-size 32768 exceeds the model's context of 512 tokens; use 512 or "
+         "less"),
         (("run", "-p", "x", "-c", "100000"), "-c/--ctx-size 100000 exceeds the model's context of 512 tokens; use "
          "512 or less"),
         (("chat", "-c", "100000"), "-c/--ctx-size 100000 exceeds the model's context of 512 tokens; use 512 or less"),
@@ -114,6 +115,53 @@ def test_plans_follow_the_flags(lite):
     assert plan(lite, "--expert-cache", "2")["slots_per_layer"] == 2  # digits are slots
     assert plan(lite, "--expert-cache", "1MiB")["slots_per_layer"] == 3  # a size is bytes: 1 MiB // (3 x 108 KiB)
     assert plan(lite, "-c", "100")["ctx"] == 100
+    assert plan(lite, "--ctx-size", "100")["ctx"] == plan(lite, "--ctx", "100")["ctx"] == 100  # as run/chat spell it
+
+
+def test_miss_policy_is_checked_in_one_place():
+    import argparse
+
+    from cli.budget import offload_options
+    from offload.policy import check_miss_policy
+
+    with pytest.raises(LiteError) as lib:
+        check_miss_policy("never")
+    assert str(lib.value) == "miss_policy must be auto, fetch or cpu (got 'never')"
+    args = argparse.Namespace(gpu_mem=None, ram=None, expert_cache=None, miss_policy="never")
+    with pytest.raises(LiteError) as cli:
+        offload_options(args, sizes=None)
+    assert str(cli.value) == "--miss-policy must be auto, fetch or cpu (got 'never')"  # the same check, the flag
+
+
+def test_sampling_metadata_errors_name_the_overriding_flag():
+    import argparse
+
+    from cli import common
+
+    p = argparse.ArgumentParser()
+    common.add_sampling_args(p)
+    with pytest.raises(LiteError) as e:
+        common.sampling_params(p.parse_args([]), {"general.sampling.top_p": 3.0})
+    assert str(e.value) == "the model's general.sampling.top_p must be a number from 0 to 1 (1 = off), got 3.0; " \
+        "override it with --top-p"  # fmt: skip
+    assert common.sampling_params(p.parse_args(["--top-p", "0.5"]), {"general.sampling.top_p": 3.0}).top_p == 0.5
+
+
+@needs_demo
+def test_header_summary_is_lite_info():
+    from pathlib import Path
+
+    from cli.common import human_bytes, model_summary
+    from lite.info import describe
+
+    d, s = describe(DEMO), model_summary(Path(DEMO))
+    assert (s["bpw"], s["expert_bpw"], s["size"]) == (
+        d["bits_per_weight"],
+        d["expert_bits_per_weight"],
+        d["file_bytes"],
+    )
+    assert s["expert_quant"] == "+".join(d["expert_types"]) and s["family"] == d["family"]
+    assert human_bytes(3 << 30) == "3.0 GiB" and human_bytes(1536) == "1.5 KiB" and human_bytes(12) == "12 B"
 
 
 @needs_demo

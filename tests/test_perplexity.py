@@ -65,7 +65,7 @@ def test_uniform_model_has_vocab_perplexity():
 
 
 def test_too_little_text():
-    with pytest.raises(LiteError, match="smaller --ctx"):
+    with pytest.raises(LiteError, match="fewer than one chunk of 8; use smaller chunks"):
         perplexity(TableModel(torch.zeros(5, 5)), [1, 2, 3], ctx=8)
 
 

@@ -196,10 +196,10 @@ def test_v2_on_24gb_gpu_ram_or_disk():
 
 def test_refusals_say_what_would_fit():
     s = model_sizes(*synthetic(**LITE))
-    with pytest.raises(LiteError, match=r"--ctx \d+") as e:  # the dense part fits, the long context does not
+    with pytest.raises(LiteError, match=r"ctx=\d+") as e:  # the dense part fits, the long context does not
         make_plan(s, "cuda", gpu_memory="4GiB", ram_memory="32GiB", ctx=131072)
     assert "\n" not in str(e.value)
-    ctx = int(str(e.value).split("--ctx ")[1].split(")")[0])
+    ctx = int(str(e.value).split("ctx=")[1].split(")")[0])
     make_plan(s, "cuda", gpu_memory="4GiB", ram_memory="32GiB", ctx=ctx)  # the suggestion works
     with pytest.raises(LiteError):
         make_plan(s, "cuda", gpu_memory="4GiB", ram_memory="32GiB", ctx=ctx + 1)
@@ -210,9 +210,9 @@ def test_refusals_say_what_would_fit():
     with pytest.raises(LiteError, match="ram_memory"):
         make_plan(s, "cuda", gpu_memory="8GiB", ram_memory="40MiB", ctx=4096, experts_on="disk")
     # CPU: the latent cache and the experts share ram_memory
-    with pytest.raises(LiteError, match=r"--ctx \d+.*ram_memory") as e:
+    with pytest.raises(LiteError, match=r"ctx=\d+.*ram_memory") as e:
         make_plan(s, "cpu", ram_memory="2GiB", ctx=131072, cache_dtype_bytes=4)
-    ctx = int(str(e.value).split("--ctx ")[1].split(")")[0])
+    ctx = int(str(e.value).split("ctx=")[1].split(")")[0])
     assert make_plan(s, "cpu", ram_memory="2GiB", ctx=ctx, cache_dtype_bytes=4).ram_budgeted <= 2 * GiB
     with pytest.raises(LiteError, match="ram_memory"):
         make_plan(s, "cpu", ram_memory="2GiB", ctx=4096, cache_dtype_bytes=4, experts_on="disk", expert_cache=64)

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from lite.chat import TurnStats, complete, render_prompt
+from lite.chat import TurnStats, render_prompt
 from lite.errors import LiteError
+from lite.generate import stream_generate
 from lite.sampling import SamplingParams
 from lite.serve.jobs import Delta, Done, Job, Start, StopText
 from lite.serve.openai_shapes import ApiError, GenerationRequest
@@ -67,13 +68,12 @@ class Engine:
         max_tokens: int = 512,
         max_queue: int = 16,
         cache_bytes: int = 1 << 30,
-        prefill_chunk: int = 512,
     ):
         if model.tokenizer is None:
             raise LiteError("this model file has no tokenizer; convert it from a folder with tokenizer.json")
         self.model, self.tokenizer = model, model.tokenizer
         self.ctx, self.defaults, self.max_tokens = ctx, defaults, max_tokens
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.max_queue = max_queue
         self.session = model.session(ctx)
         self.cache = PrefixCache(cache_bytes)
         self.counters = Counters()
@@ -255,11 +255,18 @@ class Engine:
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         stats = TurnStats(ctx=self.ctx)
         stop_text, parts, finish = StopText(req.stop), [], None
-        pieces = complete(
-            self.model, self.session, prompt, params, torch.Generator().manual_seed(seed),
-            req.max_tokens or self.max_tokens, stats, should_stop=lambda: job.cancelled,
-            prefill_chunk=self.prefill_chunk, t0=t0,
-        )  # fmt: skip
+        pieces = stats.texts(
+            stream_generate(
+                self.model,
+                prompt,
+                params,
+                max_tokens=req.max_tokens or self.max_tokens,
+                session=self.session,
+                generator=torch.Generator().manual_seed(seed),
+                should_stop=lambda: job.cancelled,
+                t0=t0,
+            )
+        )
         stream = req.stream  # a whole response needs no event per token (each one wakes the event loop)
         try:
             for piece in pieces:
