@@ -339,7 +339,7 @@ def complete(
     stats.prompt_seconds = time.perf_counter() - t0
 
     stream = tokenizer.stream()
-    eos = tokenizer.eos_id
+    ends = getattr(tokenizer, "eog_ids", None) or {tokenizer.eos_id}  # EOS and end-of-turn tokens
     pieces: list[str] = []
     t_first = t_last = None
     try:
@@ -353,7 +353,7 @@ def complete(
             if t_first is None:
                 t_first = t_last
                 stats.ttft = t_first - t0
-            if tok == eos:
+            if tok in ends:
                 break
             stats.token_ids.append(tok)
             piece = stream.add(tok)

@@ -128,6 +128,7 @@ def generate(
     stops = set(stop or ())
     if model.eos_token_id is not None:
         stops.add(model.eos_token_id)
+    stops.update(getattr(getattr(model, "tokenizer", None), "eog_ids", ()))  # end-of-turn tokens (Kimi-K2's <|im_end|>)
     for i in range(max_tokens):
         tok = sample(logits, params, session.tokens, generator)
         if tok in stops:
