@@ -2,7 +2,8 @@
 
 The environment matches transformers' `apply_chat_template`: a sandboxed, immutable jinja2 environment with
 `trim_blocks`/`lstrip_blocks`, the loop-controls extension, `raise_exception`, `strftime_now` and an
-unescaped `tojson`. Without a template in the file, DeepSeek-V2-Chat's own template is the fallback.
+unescaped `tojson`. Without a template in the file, a built-in one is the fallback: Kimi-K2's for a vocabulary
+with its role tokens, else DeepSeek-V2-Chat's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,27 @@ DEEPSEEK_V2_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
+
+# llama.cpp's built-in "kimi-k2" template (LLM_CHAT_TEMPLATE_KIMI_K2), for a Kimi-K2 file without a template of its
+# own: each turn is "<|im_user|>user<|im_middle|>" + content + "<|im_end|>" (system and assistant alike, a tool's
+# reply under <|im_system|>, an unknown role's content bare), with no BOS and no default system prompt; the
+# generation prompt is the assistant's header. The model ends its turn with <|im_end|> (see Tokenizer.eog_ids).
+KIMI_K2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|im_system|>system<|im_middle|>"
+    "{% elif message['role'] == 'user' %}<|im_user|>user<|im_middle|>"
+    "{% elif message['role'] == 'assistant' %}<|im_assistant|>assistant<|im_middle|>"
+    "{% elif message['role'] == 'tool' %}<|im_system|>tool<|im_middle|>"
+    "{% endif %}{{ message['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}"
+)
+_KIMI_K2_TOKENS = {"<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>"}
+
+
+def default_chat_template(special_tokens: set[str]) -> str:
+    """The built-in template for a file without one, chosen by its special (non-normal) tokens' texts: Kimi-K2's
+    for a vocabulary with Kimi's role tokens, else DeepSeek-V2-Chat's."""
+    return KIMI_K2_CHAT_TEMPLATE if _KIMI_K2_TOKENS <= special_tokens else DEEPSEEK_V2_CHAT_TEMPLATE
 
 
 class _TemplateError(Exception):

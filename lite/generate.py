@@ -121,14 +121,18 @@ def end_ids(model: Any) -> frozenset[int]:
     """The token ids that end a reply; every loop asks here. The model's end-of-sequence id (a lite `Model`
     sets `eos_token_id` from its GGUF; None turns it off; other models: their tokenizer's `eos_id`), plus the
     end-of-turn id a GGUF may name (llama.cpp's `tokenizer.ggml.eot_token_id`; DeepSeek's chat template ends a
-    turn with the end-of-sequence token itself)."""
+    turn with the end-of-sequence token itself) and the tokenizer's end-of-generation ids (`eog_ids`)."""
     if hasattr(model, "eos_token_id"):
         eos = model.eos_token_id
     else:
         eos = getattr(getattr(model, "tokenizer", None), "eos_id", None)
+    if eos is None:
+        return frozenset()
     metadata = getattr(model, "metadata", None) or {}
-    eot = metadata.get("tokenizer.ggml.eot_token_id") if eos is not None else None
-    return frozenset(int(t) for t in (eos, eot) if t is not None)
+    eot = metadata.get("tokenizer.ggml.eot_token_id")
+    # and the tokenizer's end-of-generation tokens (Kimi-K2 ends a turn with <|im_end|>, not its [EOS])
+    eog = getattr(getattr(model, "tokenizer", None), "eog_ids", None) or ()
+    return frozenset(int(t) for t in (eos, eot, *eog) if t is not None)
 
 
 _peak_seen = 0
