@@ -131,7 +131,9 @@ def end_ids(model: Any) -> frozenset[int]:
     metadata = getattr(model, "metadata", None) or {}
     eot = metadata.get("tokenizer.ggml.eot_token_id")
     # and the tokenizer's end-of-generation tokens (Kimi-K2 ends a turn with <|im_end|>, not its [EOS])
-    eog = getattr(getattr(model, "tokenizer", None), "eog_ids", None) or ()
+    # (less the tokenizer's own EOS, which the model's eos_token_id overrides)
+    tokenizer = getattr(model, "tokenizer", None)
+    eog = set(getattr(tokenizer, "eog_ids", None) or ()) - {getattr(tokenizer, "eos_id", None)}
     return frozenset(int(t) for t in (eos, eot, *eog) if t is not None)
 
 
