@@ -121,6 +121,7 @@ def route(
 
 
 SCORE_BUDGET = 1 << 25  # score elements per block of queries (128 MB in float32): bounds long-prefill memory
+CAUSAL_BLOCK = 128  # queries per block at most (see attend_latent)
 
 
 def attend_latent(query: torch.Tensor, kv: torch.Tensor, start: int, r: int) -> torch.Tensor:
@@ -131,18 +132,21 @@ def attend_latent(query: torch.Tensor, kv: torch.Tensor, start: int, r: int) -> 
     """
     H, T, _ = query.shape
     S = kv.shape[0]
-    block = max(1, SCORE_BUDGET // (H * S))  # queries per block
+    # queries per block: within the score budget, and at most CAUSAL_BLOCK so that a long prefill skips the rows
+    # no query of a block may see (about half the work of a prompt's causal triangle)
+    block = max(1, min(SCORE_BUDGET // (H * S), CAUSAL_BLOCK))
     out = []
     for t0 in range(0, T, block):
         q = query[:, t0 : t0 + block]  # [H, t, D]
         t = q.shape[1]
-        scores = (q.reshape(H * t, -1) @ kv.T).view(H, t, S)
-        if T > 1:  # causal: query t0+i sees rows 0..start+t0+i
-            rows = torch.arange(S, device=kv.device)
-            future = rows[None, :] > (start + t0 + torch.arange(t, device=kv.device))[:, None]  # [t, S]
+        seen = start + t0 + t  # rows 0..seen-1: the last query of the block sees them all
+        scores = (q.reshape(H * t, -1) @ kv[:seen].T).view(H, t, seen)
+        if t > 1:  # causal: query t0+i sees rows 0..start+t0+i
+            rows = torch.arange(seen, device=kv.device)
+            future = rows[None, :] > (start + t0 + torch.arange(t, device=kv.device))[:, None]  # [t, seen]
             scores = scores.masked_fill(future, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(kv.dtype)  # [H, t, S]
-        out.append((probs.view(H * t, S) @ kv[:, :r]).view(H, t, r))
+        probs = torch.softmax(scores.float(), dim=-1).to(kv.dtype)  # [H, t, seen]
+        out.append((probs.view(H * t, seen) @ kv[:seen, :r]).view(H, t, r))
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 

@@ -272,3 +272,20 @@ def test_load_converted_with_tokenizer(tmp_path_factory):
     assert model.eos_token_id == model.tokenizer.eos_id is not None
     tokens = model.tokenizer.encode("hello world")
     assert_parity(model.logits(tokens), reference_logits(hf, tokens))
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_attend_latent_blocks_match_causal_softmax(start, monkeypatch):
+    """Query blocks that skip the rows none of their queries may see compute the causal softmax attention of
+    every query over every cached row (float64 reference, fresh random data)."""
+    import lite.model
+
+    H, T, r, p = 3, 300, 16, 8
+    query, kv = torch.randn(H, T, r + p), torch.randn(start + T, r + p)
+    scores = torch.einsum("htd,sd->hts", query.double(), kv.double())
+    future = torch.arange(start + T)[None, :] > (start + torch.arange(T))[:, None]
+    ref = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ kv[:, :r].double()
+    for block in (lite.model.CAUSAL_BLOCK, 7, 1):
+        monkeypatch.setattr(lite.model, "CAUSAL_BLOCK", block)
+        out = lite.model.attend_latent(query, kv, start, r)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
