@@ -38,7 +38,6 @@ from quant.formats import _as_uint8_tensor, _f16, _k_scale_min, _nibbles, dequan
 
 Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
-NATIVE_TYPES = tuple(Q.__members__[name] for name in native.SUPPORTED_QTYPES)
 CPU_KERNELS = ("native", "int4pack", "dense")
 # Rows of x from which a "gguf" weight is dequantized to bf16 per call (AMX/AVX512-BF16 GEMM) instead of running
 # the 8-bit kernel, whose cost grows linearly with rows: the crossovers measured by `bench_decode.py --kernels`
@@ -52,6 +51,18 @@ _NO_TENSOR = torch.empty(0)
 # ever occur; fewer than 16 rows run as they are.
 _EXACT_ROWS = 16
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
+
+
+@functools.cache
+def native_types() -> tuple[Q, ...]:
+    """The types the native CPU kernels read (the extension's type table; empty when it cannot build)."""
+    return tuple(Q.__members__[name] for name in native.SUPPORTED_QTYPES)
+
+
+def __getattr__(name: str) -> tuple[Q, ...]:
+    if name == "NATIVE_TYPES":  # computed on first access: importing this module never builds the extension
+        return native_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _int4_params(raw: torch.Tensor, qtype: Q, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -116,7 +127,7 @@ def choose_layout(qtype: Q, k: int, layout_for: str, kernel: str | None = None) 
         return "gguf"
     if layout_for == "cpu":
         kernel = cpu_kernel(kernel)
-        if kernel == "native" and qtype in NATIVE_TYPES and native.available():
+        if kernel == "native" and native.available() and qtype in native_types():
             return "gguf"
         if kernel == "dense":
             return "dense"
@@ -263,10 +274,10 @@ class QMatrix:
         self._device_kernel = self._raw.device.type == "cuda" or device_kernels_forced()
         self._native = (
             not self._device_kernel
-            and self.qtype in NATIVE_TYPES
             and cpu_kernel() == "native"
             and self._raw.device.type == "cpu"
             and native.available()
+            and self.qtype in native_types()
         )
         self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62) if self._native else 0
         if self._native:

@@ -251,3 +251,36 @@ def test_moe_ffn_equals_chained_matmuls(types: tuple[T, T, T]) -> None:
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-3 * ref.abs().max().item())
     with pytest.raises(RuntimeError, match="bytes"):
         native.moe_ffn(x, gate, up, down[:2] + [down[2][:-1]], w, (int(g), int(u), int(d)), inter)
+
+
+# fp16 fields of every type in the extension's type table (byte offsets inside one block)
+F16_FIELDS = {
+    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0], T.Q2_K: [80, 82],
+    T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_XS: [0],
+}  # fmt: skip
+
+
+def test_type_table_matches_gguf_sizes_and_lists() -> None:
+    table = native.type_table()
+    assert set(T[name] for name in table) == set(F16_FIELDS)
+    for name, info in table.items():
+        assert (info.block, info.bytes) == gguf.GGML_QUANT_SIZES[T[name]]
+        assert info.q8_k == (info.block == 256)
+    assert native.SUPPORTED_QTYPES == {k: t.qtype for k, t in table.items() if t.matmul}
+    assert native.QUANTIZE_QTYPES == {k: t.qtype for k, t in table.items() if t.quantize}
+    assert {"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"} <= set(native.SUPPORTED_QTYPES)
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda t: t.name)
+def test_table_dequantizers_equal_gguf_bit_for_bit(qtype: T) -> None:
+    """The C++ block decoders (which the generic kernels also use) against gguf-py, on random blocks."""
+    rng = np.random.default_rng(int(qtype))
+    bs, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(300, nbytes), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        d = rng.uniform(-2, 2, size=(300, 1)).astype(np.float16)
+        d[:5] = 0  # zero scales: signed zeros must match too
+        raw[:, off : off + 2] = d.view(np.uint8)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(-1)
+    got = native.dequantize(raw.reshape(-1), int(qtype)).numpy()
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
