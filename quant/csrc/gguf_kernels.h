@@ -58,7 +58,7 @@ int best_isa();
 
 // The types with block-dot kernels. Each ISA file defines one function per type in its namespace
 // (scalar::q4_0, avx2::q4_0, avx512::q4_0, ...); type_traits.cpp puts their addresses in the table.
-#define LITE_KERNEL_TYPES(X) X(q8_0) X(q4_0) X(q5_0) X(q4_K) X(q6_K)
+#define LITE_KERNEL_TYPES(X) X(q8_0) X(q4_0) X(q5_0) X(q5_1) X(iq4_nl) X(q2_K) X(q3_K) X(q4_K) X(q5_K) X(q6_K) X(iq4_xs)
 #define LITE_DECLARE_KERNEL(t) void t(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1);
 namespace scalar { LITE_KERNEL_TYPES(LITE_DECLARE_KERNEL) }
 #if LITE_X86

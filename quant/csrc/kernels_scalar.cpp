@@ -224,6 +224,12 @@ void q4_0(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, in
 void q5_0(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q5_0, 22, 32>(w, a, y, ldy, n0, n1); }
 void q4_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q4_k, 144, 256>(w, a, y, ldy, n0, n1); }
 void q6_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q6_k, 210, 256>(w, a, y, ldy, n0, n1); }
+void q5_1(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ5_1>(w, a, y, ldy, n0, n1); }
+void iq4_nl(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecIQ4_NL>(w, a, y, ldy, n0, n1); }
+void q2_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ2_K>(w, a, y, ldy, n0, n1); }
+void q3_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ3_K>(w, a, y, ldy, n0, n1); }
+void q5_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ5_K>(w, a, y, ldy, n0, n1); }
+void iq4_xs(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecIQ4_XS>(w, a, y, ldy, n0, n1); }
 
 } // namespace scalar
 } // namespace lite_gguf

@@ -36,15 +36,15 @@ const TypeTraits TABLE[] = {
     ROW(Q4_0, DecQ4_0, block_q4_0, KERNELS(q4_0), quantize_q4_0),
     ROW(Q4_1, DecQ4_1, block_q4_1, NO_KERNELS, quantize_q4_1),
     ROW(Q5_0, DecQ5_0, block_q5_0, KERNELS(q5_0), quantize_q5_0),
-    ROW(Q5_1, DecQ5_1, block_q5_1, NO_KERNELS, quantize_q5_1),
+    ROW(Q5_1, DecQ5_1, block_q5_1, KERNELS(q5_1), quantize_q5_1),
     ROW(Q8_0, DecQ8_0, block_q8_0, KERNELS(q8_0), quantize_q8_0),
-    ROW(Q2_K, DecQ2_K, block_q2_K, NO_KERNELS, nullptr),
-    ROW(Q3_K, DecQ3_K, block_q3_K, NO_KERNELS, nullptr),
+    ROW(Q2_K, DecQ2_K, block_q2_K, KERNELS(q2_K), nullptr),
+    ROW(Q3_K, DecQ3_K, block_q3_K, KERNELS(q3_K), nullptr),
     ROW(Q4_K, DecQ4_K, block_q4_K, KERNELS(q4_K), quantize_q4_K),
-    ROW(Q5_K, DecQ5_K, block_q5_K, NO_KERNELS, quantize_q5_K),
+    ROW(Q5_K, DecQ5_K, block_q5_K, KERNELS(q5_K), quantize_q5_K),
     ROW(Q6_K, DecQ6_K, block_q6_K, KERNELS(q6_K), quantize_q6_K),
-    ROW(IQ4_NL, DecIQ4_NL, block_iq4_nl, NO_KERNELS, nullptr),
-    ROW(IQ4_XS, DecIQ4_XS, block_iq4_xs, NO_KERNELS, nullptr),
+    ROW(IQ4_NL, DecIQ4_NL, block_iq4_nl, KERNELS(iq4_nl), nullptr),
+    ROW(IQ4_XS, DecIQ4_XS, block_iq4_xs, KERNELS(iq4_xs), nullptr),
 };
 
 int detect_isa() {
