@@ -13,7 +13,8 @@ The packed weight is 4 bits/weight plus a bf16 (scale, zero) pair per group (1 b
 The packed layout is device-specific (and ISA-specific on CPU); `layout` records which kernel it is packed for.
 Every other type is dequantized once at load to a dense weight of the requested dtype.
 
-On the CPU, types the native kernels read (quant/native.py: Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) use layout "gguf"
+On the CPU, types the native kernels read (quant/native.py's SUPPORTED_QTYPES, from the extension's type table:
+Q8_0, Q4_0, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) use layout "gguf"
 instead: the GGUF bytes themselves (a zero-copy view of the memory-mapped file), multiplied with 8-bit
 activations like llama.cpp. Large batches (prefill) dequantize to bf16 per call instead, where measured faster.
 `LITE_CPU_KERNEL` picks the CPU kernel: "native" (default; int4pack for the 4-bit types native lacks, or when the
@@ -42,7 +43,13 @@ CPU_KERNELS = ("native", "int4pack", "dense")
 # Rows of x from which a "gguf" weight is dequantized to bf16 per call (AMX/AVX512-BF16 GEMM) instead of running
 # the 8-bit kernel, whose cost grows linearly with rows: the crossovers measured by `bench_decode.py --kernels`
 # (1 thread) on DeepSeek-V2-Lite's 1408x2048 / 2048x1408 / 2048x2048 shapes; Q5_0 assumed like Q4_0.
-DEQUANT_FROM_ROWS = {Q.Q8_0: 96, Q.Q4_0: 128, Q.Q5_0: 128, Q.Q4_K: 224, Q.Q6_K: 112}
+# The other types run the generic decode-then-dot kernels (kernels_simd.inc's row_generic), slower per row than the
+# hand-written ones, so their crossovers are guessed a little lower by analogy, not measured (the lead times them):
+# Q5_1/IQ4_NL like Q8_0, Q2_K/Q3_K/IQ4_XS like Q6_K, Q5_K between Q6_K and Q4_K.
+DEQUANT_FROM_ROWS = {
+    Q.Q8_0: 96, Q.Q4_0: 128, Q.Q5_0: 128, Q.Q4_K: 224, Q.Q6_K: 112,
+    Q.Q5_1: 96, Q.IQ4_NL: 96, Q.Q2_K: 112, Q.Q3_K: 112, Q.IQ4_XS: 112, Q.Q5_K: 160,
+}  # fmt: skip
 GROUP = 32
 _NO_TENSOR = torch.empty(0)
 # oneDNN, which runs torch's bf16 GEMMs on the CPU, builds and caches (up to 1024) a primitive for every shape
