@@ -115,10 +115,15 @@ def _load_tokenizer(gguf_file) -> Any:
 
 def _expand_other_types(f: Any, device: str, dtype: torch.dtype | None) -> None:
     """Types lite has no kernels for but gguf-py reads (IQ2_XXS, IQ3_S, TQ1_0, ...): dequantized once, here, to the
-    compute dtype's float type (F32 keeps a float32 model exact, BF16 halves the memory), with one notice."""
+    compute dtype's float type (F32 keeps a float32 model exact, BF16 halves the memory), with one notice. Not on
+    the device-kernel path (CUDA, LITE_DEVICE_KERNELS=triton): there a type the kernels lack is refused by name,
+    never silently expanded (see weights.load_weights)."""
     from quant.formats import expand_other_types
+    from quant.qmatrix import device_kernels_forced
 
-    compute = dtype or (torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32)
+    if resolve_device(device).type == "cuda" or device_kernels_forced():
+        return
+    compute = dtype or torch.float32
     to = gguf.GGMLQuantizationType.F32 if compute == torch.float32 else gguf.GGMLQuantizationType.BF16
     found = expand_other_types(f.tensors, to)
     if found:
