@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import gguf
 import torch
 
 from lite.config import ModelArgs, check_tensor_layers
@@ -110,6 +112,28 @@ def _load_tokenizer(gguf_file) -> Any:
     return Tokenizer.from_gguf(gguf_file)
 
 
+def _expand_other_types(f: Any, device: str, dtype: torch.dtype | None) -> None:
+    """Types lite has no kernels for but gguf-py reads (IQ2_XXS, IQ3_S, TQ1_0, ...): dequantized once, here, to the
+    compute dtype's float type (F32 keeps a float32 model exact, BF16 halves the memory), with one notice. Not on
+    the device-kernel path (CUDA, LITE_DEVICE_KERNELS=triton): there a type the kernels lack is refused by name,
+    never silently expanded (see weights.load_weights)."""
+    from quant.formats import expand_other_types
+    from quant.qmatrix import device_kernels_forced
+
+    if resolve_device(device).type == "cuda" or device_kernels_forced():
+        return
+    compute = dtype or torch.float32
+    to = gguf.GGMLQuantizationType.F32 if compute == torch.float32 else gguf.GGMLQuantizationType.BF16
+    found = expand_other_types(f.tensors, to)
+    if found:
+        names = ", ".join(q.name for q in found)
+        warnings.warn(
+            f"{f.path}: tensor type{'s' if len(found) > 1 else ''} {names} dequantized to {to.name} once at load: "
+            "more memory, and slower than the types lite multiplies natively",
+            stacklevel=3,
+        )
+
+
 def load(
     path: str,
     device: str = "auto",
@@ -128,6 +152,7 @@ def load(
 
     f = GGUFFile(path)  # raises LiteError for a missing, truncated or garbled file
     check_finite(f.tensors, f.path)  # NaN/Inf in a weight: small tensors in full, large ones sampled
+    _expand_other_types(f, device, dtype)
     args = ModelArgs.from_gguf(f.metadata)  # checks the metadata's types, ranges and agreement
     check_tensor_layers(args, f.tensors)
     return Model(

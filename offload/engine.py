@@ -32,7 +32,7 @@ from offload.staging import StagingRing
 from offload.stats import ExpertStats
 from quant import native
 from quant.device_kernels import ExpertSpec
-from quant.qmatrix import NATIVE_TYPES, cpu_kernel, device_kernels_forced
+from quant.qmatrix import cpu_kernel, device_kernels_forced, native_types
 
 # Disk tier: a prefetch only moves predicted experts that are already in RAM. A speculative disk read costs more
 # than it brings: at this machine's ~1 GB/s a wrong 4.9 MB read holds the disk for 5 ms, and cold-read decode ran
@@ -94,7 +94,7 @@ class ExpertEngine:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.staging = StagingRing(STAGING_BUFFERS, _align(self.expert_bytes), pin=True) if self.cuda else None
         self.native_layers = {  # CPU decode: one native call runs a token's experts (`moe_one_token`)
-            layer: not self.pooled and all(t in NATIVE_TYPES for t in (sp.gate_type, sp.up_type, sp.down_type))
+            layer: not self.pooled and all(t in native_types() for t in (sp.gate_type, sp.up_type, sp.down_type))
             and cpu_kernel() == "native" and native.available()
             for layer, sp in specs.items()
         }  # fmt: skip

@@ -26,7 +26,8 @@ SAMPLE_ROWS = 8  # rows checked of each larger tensor
 # block format -> (byte offset of its fp16 scales in a block, how many): d; d and m; d and dmin; Q6_K's d is last
 SCALES = {
     Q.Q8_0: (0, 1), Q.Q4_0: (0, 1), Q.Q4_1: (0, 2), Q.Q5_0: (0, 1), Q.Q5_1: (0, 2),
-    Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, 1),
+    Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, 1), Q.Q2_K: (80, 2), Q.Q3_K: (108, 1), Q.IQ4_NL: (0, 1),
+    Q.IQ4_XS: (0, 1),
 }  # fmt: skip
 # float format -> (unsigned view, exponent mask): all exponent bits set means Inf or NaN
 FLOATS = {Q.F32: ("<u4", 0x7F800000), Q.F16: ("<u2", 0x7C00), Q.BF16: ("<u2", 0x7F80)}

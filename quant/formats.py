@@ -10,6 +10,7 @@ native extension (no compiler) the 32-value types fall back to gguf-py's numpy c
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -18,11 +19,15 @@ import numpy as np
 import torch
 
 from quant.errors import LiteError
+from quant.gguf_file import TensorRef
 
 Q = gguf.GGMLQuantizationType
 QK_K = 256
 
-READ_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+READ_TYPES = (
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+    Q.IQ4_XS,
+)  # fmt: skip
 WRITE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 
@@ -148,6 +153,51 @@ def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, QK_K)
 
 
+def _dq_q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc = b[:, :16]
+    dl = (_f16(b, 80) * (sc & 0x0F).float()).reshape(n, 16, 1)
+    ml = (_f16(b, 82) * (sc >> 4).float()).reshape(n, 16, 1)
+    q = _bit_fields(b[:, 16:80].reshape(n, 2, 32), range(0, 8, 2), 3, dim=2).reshape(n, 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _dq_q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    s = b[:, 96:108]
+    lo = torch.cat([s[:, :8] & 0x0F, s[:, :8] >> 4], dim=1)  # scale i: low 4 bits in byte i % 8, nibble i // 8
+    hi = _bit_fields(s[:, 8:12], range(0, 8, 2), 3, dim=1).reshape(n, 16)  # high 2 bits: byte 8 + i % 4, pair i // 4
+    scales = ((lo | (hi << 4)).to(torch.int8) - 32).float()
+    dl = (_f16(b, 108) * scales).reshape(n, 16, 1)
+    ql = _bit_fields(b[:, 32:96].reshape(n, 2, 32), range(0, 8, 2), 3, dim=2).reshape(n, 16, 16)
+    qh = _bit_fields(b[:, :32], range(8), 1, dim=1).reshape(n, 16, 16)  # a clear mask bit subtracts 4
+    q = (ql.to(torch.int8) - ((qh ^ 1) << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, QK_K)
+
+
+# IQ4_NL / IQ4_XS's non-linear grid (ggml's kvalues_iq4nl)
+_KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_values(qs: torch.Tensor) -> torch.Tensor:
+    """Bytes of 4-bit grid indices -> float32 grid values, low nibbles of each 16 bytes first: [n, 16k] -> [n, 32k]."""
+    kv = torch.tensor(_KVALUES_IQ4NL, dtype=torch.float32, device=qs.device)
+    return kv[_nibbles(qs, 16).reshape(qs.shape[0], -1).long()]
+
+
+def _dq_iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * _iq4_values(b[:, 2:])
+
+
+def _dq_iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sh = b[:, 2].int() | (b[:, 3].int() << 8)  # scales_h, little-endian uint16
+    lo = _bit_fields(b[:, 4:8], range(0, 8, 4), 0x0F, dim=2).reshape(n, 8).int()
+    hi = _bit_fields(sh, range(0, 16, 2), 3, dim=1)
+    dl = (_f16(b, 0) * ((lo | (hi << 4)) - 32).float()).reshape(n, 8, 1)
+    return (dl * _iq4_values(b[:, 8:]).reshape(n, 8, 32)).reshape(n, QK_K)
+
+
 _DEQUANT_BLOCKS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.Q8_0: _dq_q8_0,
     Q.Q4_0: _dq_q4_0,
@@ -157,6 +207,10 @@ _DEQUANT_BLOCKS: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.Q4_K: _dq_q4_k,
     Q.Q5_K: _dq_q5_k,
     Q.Q6_K: _dq_q6_k,
+    Q.Q2_K: _dq_q2_k,
+    Q.Q3_K: _dq_q3_k,
+    Q.IQ4_NL: _dq_iq4_nl,
+    Q.IQ4_XS: _dq_iq4_xs,
 }
 
 # Blocks dequantized per step: bounds the int/float temporaries to a few tens of MB for big tensors.
@@ -179,12 +233,50 @@ def dequantize(raw: np.ndarray | torch.Tensor, qtype: Q, shape: Sequence[int]) -
         return data.view(torch.bfloat16).float().reshape(shape)
     fn = _DEQUANT_BLOCKS.get(qtype)
     if fn is None:
-        raise LiteError(f"unsupported tensor type {qtype.name}; supported: {', '.join(t.name for t in READ_TYPES)}")
+        raise LiteError(
+            f"unsupported tensor type {qtype.name}; supported: {', '.join(t.name for t in READ_TYPES)}"
+            + (", and (dequantized once at load) the other types gguf-py reads" if gguf_can_dequantize(qtype) else "")
+        )
     blocks = data.reshape(-1, type_size(qtype))
     out = torch.empty(blocks.shape[0], block_size(qtype), dtype=torch.float32, device=blocks.device)
     for i in range(0, blocks.shape[0], _CHUNK_BLOCKS):
         out[i : i + _CHUNK_BLOCKS] = fn(blocks[i : i + _CHUNK_BLOCKS])
     return out.reshape(shape)
+
+
+@functools.cache
+def gguf_can_dequantize(qtype: Q) -> bool:
+    """Whether gguf-py (the numpy reference) dequantizes `qtype` (IQ2_XXS, IQ3_S, TQ1_0, ...)."""
+    try:
+        bs, ts = gguf.GGML_QUANT_SIZES[Q(qtype)]
+        gguf.quants.dequantize(np.zeros((1, ts), np.uint8), Q(qtype))
+    except (NotImplementedError, KeyError, ValueError):
+        return False
+    return True
+
+
+def expand_other_types(tensors: dict[str, TensorRef], to: Q = Q.F32) -> list[Q]:
+    """Replace, in place, every tensor of a type lite has no kernels for (not in READ_TYPES) but gguf-py can
+    dequantize by its values as `to` (F32 or BF16), dequantized once, in RAM. Returns the types expanded.
+
+    A fallback for community files with rare types: it costs memory (2-4 bytes per weight) and speed, but it loads.
+    Types nobody can read are left as they are, for the loader to refuse with one line.
+    """
+    found: list[Q] = []
+    for name, ref in tensors.items():
+        if ref.qtype in READ_TYPES or not gguf_can_dequantize(ref.qtype):
+            continue
+        rows = np.asarray(ref.data).reshape(-1, type_size(ref.qtype))
+        chunk = max(1, (1 << 24) // block_size(ref.qtype))  # ~16M values at a time: bounded numpy temporaries
+        out = torch.empty(rows.shape[0] * block_size(ref.qtype), dtype=torch.float32 if to == Q.F32 else torch.bfloat16)
+        for i in range(0, rows.shape[0], chunk):
+            x = torch.from_numpy(gguf.quants.dequantize(rows[i : i + chunk], ref.qtype).reshape(-1))
+            out[i * block_size(ref.qtype) : (i + chunk) * block_size(ref.qtype)] = x
+        data = out.view(torch.uint8).numpy()  # no file offset: the disk tier copies it from RAM
+        tensors[name] = TensorRef(name, to, ref.shape, data, -1)
+        if ref.qtype not in found:
+            found.append(ref.qtype)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,18 @@
-"""Native CPU kernels that multiply directly on GGUF blocks (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K).
+"""Native CPU kernels that multiply directly on GGUF blocks (the types in SUPPORTED_QTYPES).
 
 Like llama.cpp, the activations are quantized per row to 8 bits (Q8_0 blocks of 32, or Q8_K blocks of 256
-for K-quants) and each block's dot product runs in integers (AVX512-VNNI `vpdpbusd`, or AVX2 `pmaddubsw`),
+for K-quants and IQ4_XS) and each block's dot product runs in integers (AVX512-VNNI `vpdpbusd`, or AVX2 `pmaddubsw`),
 so the weights are read once, in their compact form, with no float copy. The C++ extension is compiled on
 first use into torch's extension cache (TORCH_EXTENSIONS_DIR) with ninja; the AVX2 and AVX512 variants are
 chosen at run time from the CPU's features. If compilation fails, `available()` is False and callers fall
 back to torch.
 
-The same extension holds the block quantizers (`quantize`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K with
-llama.cpp's reference algorithms, byte for byte; see quant/csrc/quant_blocks.h) used by the converter.
+The same extension holds the block quantizers (`quantize`, the types in QUANTIZE_QTYPES, with llama.cpp's
+reference algorithms, byte for byte; see quant/csrc/quant_blocks.h) used by the converter.
+
+Which types have kernels / quantizers is the extension's type table (quant/csrc/type_traits.cpp), read through
+`type_table()`: SUPPORTED_QTYPES and QUANTIZE_QTYPES are computed from it on first access (building the
+extension); both are empty when it cannot build.
 
 Set LITE_NATIVE_ISA=scalar|avx2|avx512 to cap the instruction set (for tests and comparisons; `scalar` also
 runs the K-quant searches in their baseline build).
@@ -20,39 +24,35 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
+import gguf
 import numpy as np
 import torch
 
 from quant.errors import LiteError
 
+# Also SUPPORTED_QTYPES, QUANTIZE_QTYPES and DEQUANT_QTYPES, computed from the type table on first access (see __getattr__).
 __all__ = [
     "ISAS",
     "all_finite",
-    "QUANTIZE_QTYPES",
-    "SUPPORTED_QTYPES",
     "as_raw",
     "available",
     "best_isa",
     "build_error",
     "dequantize",
-    "DEQUANT_QTYPES",
     "gguf_matmul",
     "moe_ffn",
     "quantize",
     "quantize_acts",
+    "type_table",
 ]
 
-# gguf.GGMLQuantizationType ids the kernels read
-SUPPORTED_QTYPES = {"Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
-# ... and the ids the quantizers write (llama.cpp's reference algorithms, byte for byte)
-QUANTIZE_QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-# ... and the ids `dequantize` expands natively (to float32 or bf16, for prefill GEMMs)
-DEQUANT_QTYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 _SOURCES = [
     "ops.cpp",
+    "type_traits.cpp",
     "kernels_scalar.cpp",
     "kernels_avx2.cpp",
     "kernels_avx512.cpp",
@@ -100,6 +100,38 @@ def build_error() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
+class TypeInfo(NamedTuple):
+    """One row of the extension's type table."""
+
+    qtype: int  # gguf.GGMLQuantizationType id
+    block: int  # values per block
+    bytes: int  # bytes per block
+    q8_k: bool  # activations quantized to Q8_K (blocks of 256), else Q8_0 (blocks of 32)
+    matmul: bool  # has block-dot kernels (gguf_matmul, moe_ffn)
+    quantize: bool  # has a reference quantizer (quantize)
+
+
+def type_table() -> dict[str, TypeInfo]:
+    """The extension's type table by gguf type name; empty when the extension is unavailable."""
+    if "table" not in _state:
+        flat = list(torch.ops.lite_gguf.type_table()) if available() else []
+        rows = (flat[i : i + 6] for i in range(0, len(flat), 6))
+        _state["table"] = {gguf.GGMLQuantizationType(r[0]).name: TypeInfo(*r[:3], *map(bool, r[3:])) for r in rows}
+    return _state["table"]  # type: ignore[return-value]
+
+
+def __getattr__(name: str) -> dict[str, int]:
+    # SUPPORTED_QTYPES: {name: gguf id} of the types the kernels read; QUANTIZE_QTYPES: those the quantizers write.
+    # Module attributes computed on first access, so importing this module never builds the extension.
+    if name == "SUPPORTED_QTYPES":
+        return {k: t.qtype for k, t in type_table().items() if t.matmul}
+    if name == "QUANTIZE_QTYPES":
+        return {k: t.qtype for k, t in type_table().items() if t.quantize}
+    if name == "DEQUANT_QTYPES":  # every type in the table has a row dequantizer (`dequantize`)
+        return {k: t.qtype for k, t in type_table().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def best_isa() -> str:
     """The instruction set the kernels use on this CPU: 'avx512' (VNNI), 'avx2' or 'scalar'."""
     if not available():
@@ -132,7 +164,7 @@ def gguf_matmul(
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W.T for W (N, K) given as its raw GGUF bytes of type `qtype` (zero-copy).
 
-    x is quantized per row to Q8_0 (Q8_K for Q4_K/Q6_K) exactly as llama.cpp's reference quantizers do;
+    x is quantized per row to Q8_0 (Q8_K for the 256-value types) exactly as llama.cpp's reference quantizers do;
     block dots run in integers, scales in float32. `isa` caps the instruction set ('scalar', 'avx2',
     'avx512'); the default is the best this CPU has.
     """
@@ -164,24 +196,33 @@ def quantize(x: torch.Tensor, qtype: int) -> torch.Tensor:
 def dequantize(
     raw: torch.Tensor | np.ndarray,
     qtype: int,
-    N: int,
-    K: int,
-    dtype: torch.dtype = torch.bfloat16,
+    N: int | None = None,
+    K: int | None = None,
+    dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The (N, K) weight in `raw` (GGUF blocks of `qtype`, one of DEQUANT_QTYPES) as float32 or bf16, multi-threaded.
+    """GGUF blocks of any type in the type table -> float32 or bf16 values, over torch's threads.
 
-    Values are bit-identical to `quant.formats.dequantize` (then rounded to nearest even for bf16). `out`, when
-    given, is a contiguous (N, K) tensor of `dtype` to write into (e.g. half of a fused gate+up buffer).
+    With N and K, `raw` holds an (N, K) weight and the result is (N, K) (written into `out` when given: a
+    contiguous (N, K) tensor of `dtype`, e.g. half of a fused gate+up buffer); without, the result is flat
+    [n_blocks * block]. Values are bit-identical to gguf.quants.dequantize (then rounded to nearest even for bf16).
+    Q4_0, Q5_0, Q8_0, Q4_K and Q6_K have hand-written AVX-512 forms (~0.1 ns per weight, for prefill GEMMs).
     """
     if not available():
         raise LiteError("native kernels unavailable: " + str(build_error()))
     if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
         raw = as_raw(raw)
+    raw = raw.reshape(-1)
+    flat = N is None or K is None
+    if flat:
+        info = next((t for t in type_table().values() if t.qtype == int(qtype)), None)
+        if info is None:
+            raise LiteError(f"cannot dequantize GGUF type id {qtype} natively")
+        N, K = 1, raw.numel() // info.bytes * info.block
     if out is None:
-        out = torch.empty(int(N), int(K), dtype=dtype)
-    torch.ops.lite_gguf.dequantize_into(raw.reshape(-1), int(qtype), out, _isa_level(None))
-    return out
+        out = torch.empty(int(N), int(K), dtype=dtype)  # type: ignore[arg-type]
+    torch.ops.lite_gguf.dequantize_into(raw, int(qtype), out, _isa_level(None))
+    return out.reshape(-1) if flat else out
 
 
 def all_finite(x: torch.Tensor) -> bool:

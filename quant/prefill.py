@@ -28,7 +28,8 @@ Q = gguf.GGMLQuantizationType
 # Rows from which expand + bf16 GEMM beats the 8-bit block kernel for one 2048x2048 weight (CPU time, 1 thread,
 # AMD EPYC with AVX512-BF16; 2026-12-05): the 32-value types and Q6_K cross at ~10 rows, Q4_K (the cheapest
 # 8-bit kernel) at ~20.
-FROM_ROWS = {Q.Q8_0: 12, Q.Q4_0: 12, Q.Q5_0: 12, Q.Q4_K: 20, Q.Q6_K: 12}
+FROM_ROWS = {Q.Q8_0: 12, Q.Q4_0: 12, Q.Q5_0: 12, Q.Q4_K: 20, Q.Q6_K: 12,
+             Q.Q5_1: 12, Q.IQ4_NL: 12, Q.Q2_K: 12, Q.Q3_K: 12, Q.IQ4_XS: 12, Q.Q5_K: 12}  # fmt: skip
 # ... and for a whole expert (gate/up Q4_K, down Q8_0 or Q5_0: `bench_prefill.py --kernels`), where fusing gate
 # and up into one GEMM moves the crossover to ~14 rows.
 SWIGLU_FROM_ROWS = 16
@@ -62,7 +63,13 @@ def gemm_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-_NATIVE_EXPAND = frozenset(Q(v) for v in native.DEQUANT_QTYPES.values())
+
+
+@functools.cache
+def _native_expand() -> frozenset[Q]:
+    return frozenset(Q(v) for v in native.DEQUANT_QTYPES.values())
+
+
 _scratch = threading.local()  # one reusable expansion buffer per thread: no page faults per weight
 
 
@@ -75,7 +82,7 @@ def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def expand(raw: torch.Tensor, qtype: Q, shape: tuple[int, int], dtype: torch.dtype, out: torch.Tensor) -> None:
     """Write the (N, K) weight held in `raw` into `out` ((N, K), `dtype`): natively where the type allows."""
-    if qtype in _NATIVE_EXPAND and native.available():
+    if native.available() and qtype in _native_expand():
         native.dequantize(raw, int(qtype), *shape, out=out)
     else:
         out.copy_(dequantize(raw, qtype, shape))

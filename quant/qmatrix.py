@@ -13,7 +13,8 @@ The packed weight is 4 bits/weight plus a bf16 (scale, zero) pair per group (1 b
 The packed layout is device-specific (and ISA-specific on CPU); `layout` records which kernel it is packed for.
 Every other type is dequantized once at load to a dense weight of the requested dtype.
 
-On the CPU, types the native kernels read (quant/native.py: Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) use layout "gguf"
+On the CPU, types the native kernels read (quant/native.py's SUPPORTED_QTYPES, from the extension's type table:
+Q8_0, Q4_0, Q5_0, Q5_1, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) use layout "gguf"
 instead: the GGUF bytes themselves (a zero-copy view of the memory-mapped file), multiplied with 8-bit
 activations like llama.cpp. Large batches (prefill) dequantize to bf16 per call instead, where measured faster.
 `LITE_CPU_KERNEL` picks the CPU kernel: "native" (default; int4pack for the 4-bit types native lacks, or when the
@@ -38,7 +39,6 @@ from quant.formats import _as_uint8_tensor, _f16, _k_scale_min, _nibbles, dequan
 
 Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
-NATIVE_TYPES = tuple(Q.__members__[name] for name in native.SUPPORTED_QTYPES)
 CPU_KERNELS = ("native", "int4pack", "dense")
 # Rows of x from which a "gguf" weight is expanded to bf16 per call and multiplied by a GEMM (quant/prefill.py)
 # instead of the 8-bit kernel, whose cost grows linearly with rows.
@@ -46,6 +46,18 @@ DEQUANT_FROM_ROWS = prefill.FROM_ROWS
 GROUP = 32
 _NO_TENSOR = torch.empty(0)
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
+
+
+@functools.cache
+def native_types() -> tuple[Q, ...]:
+    """The types the native CPU kernels read (the extension's type table; empty when it cannot build)."""
+    return tuple(Q.__members__[name] for name in native.SUPPORTED_QTYPES)
+
+
+def __getattr__(name: str) -> tuple[Q, ...]:
+    if name == "NATIVE_TYPES":  # computed on first access: importing this module never builds the extension
+        return native_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _int4_params(raw: torch.Tensor, qtype: Q, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,7 +122,7 @@ def choose_layout(qtype: Q, k: int, layout_for: str, kernel: str | None = None) 
         return "gguf"
     if layout_for == "cpu":
         kernel = cpu_kernel(kernel)
-        if kernel == "native" and qtype in NATIVE_TYPES and native.available():
+        if kernel == "native" and native.available() and qtype in native_types():
             return "gguf"
         if kernel == "dense":
             return "dense"
@@ -235,10 +247,10 @@ class QMatrix:
         self._device_kernel = self._raw.device.type == "cuda" or device_kernels_forced()
         self._native = (
             not self._device_kernel
-            and self.qtype in NATIVE_TYPES
             and cpu_kernel() == "native"
             and self._raw.device.type == "cpu"
             and native.available()
+            and self.qtype in native_types()
         )
         self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62) if self._native else 0
         if self._native:

@@ -27,6 +27,24 @@ def retype(
 ) -> Path:
     """Copy `src` to `out`; a tensor for which `choose(ref)` names a type is requantized to it. `extra`: more
     metadata (floats as float32, ints as int32, strings)."""
+
+    def replace(ref: TensorRef) -> tuple[Q, np.ndarray] | None:
+        qtype = choose(ref)
+        if qtype is None or qtype == ref.qtype:
+            return None
+        x = dequantize(ref.data, ref.qtype, ref.shape).numpy()
+        return qtype, _quantize(x.reshape(-1, ref.shape[-1]), qtype)
+
+    return rewrite(src, out, replace, extra)
+
+
+def rewrite(
+    src: str | Path,
+    out: str | Path,
+    replace: Callable[[TensorRef], tuple[Q, np.ndarray] | None],
+    extra: dict | None = None,
+) -> Path:
+    """Copy `src` to `out`; a tensor for which `replace(ref)` gives (type, raw bytes) is written as those bytes."""
     f = GGUFFile(src)
     arch = f.metadata["general.architecture"]
     w = gguf.GGUFWriter(str(out), arch)
@@ -46,12 +64,8 @@ def retype(
         else:
             w.add_string(key, value)
     for name, ref in f.tensors.items():
-        qtype = choose(ref)
-        if qtype is None or qtype == ref.qtype:
-            qtype, raw = ref.qtype, np.array(ref.data)
-        else:
-            x = dequantize(ref.data, ref.qtype, ref.shape).numpy()
-            raw = _quantize(x.reshape(-1, ref.shape[-1]), qtype)
+        new = replace(ref)
+        qtype, raw = new if new is not None else (ref.qtype, np.array(ref.data))
         if qtype in (Q.F32, Q.F16):
             dt = np.float32 if qtype == Q.F32 else np.float16
             w.add_tensor(name, raw.view(dt).reshape(ref.shape))

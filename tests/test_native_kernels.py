@@ -25,7 +25,14 @@ def test_extension_builds() -> None:
 
 T = gguf.GGMLQuantizationType
 # byte offsets of the fp16 scale fields inside one block
-SCALE_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q5_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}
+SCALE_FIELDS = {
+    T.Q8_0: [0], T.Q4_0: [0], T.Q5_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208], T.Q5_1: [0, 2], T.IQ4_NL: [0],
+    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q5_K: [0, 2], T.IQ4_XS: [0],
+}  # fmt: skip
+# types whose value is d * q + min: (the scale field, the min field); the kernels sum the two parts separately
+MIN_FIELDS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q2_K: (80, 82), T.Q5_1: (0, 2)}
+Q8_K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
+NEW_TYPES = [T.Q5_1, T.IQ4_NL, T.Q2_K, T.Q3_K, T.Q5_K, T.IQ4_XS]
 ISAS = ["scalar", "avx2", "avx512"]
 
 
@@ -40,7 +47,7 @@ def random_blocks(qtype: T, n: int, k: int, rng: np.random.Generator) -> np.ndar
     raw = rng.integers(0, 256, size=(n, k // bs, nbytes), dtype=np.uint8)
     for off in SCALE_FIELDS[qtype]:
         d = rng.uniform(1e-3, 2e-2, size=(n, k // bs)).astype(np.float16)
-        if qtype != T.Q4_K:
+        if qtype not in MIN_FIELDS:  # mins: positive d and dmin, as the quantizers write them
             d *= rng.choice(np.array([-1, 1], np.float16), size=d.shape)
         raw[:, :, off : off + 2] = d[..., None].view(np.uint8)
     return raw.reshape(n, -1)
@@ -105,12 +112,12 @@ def test_fp16_rounding_of_q8_0_scale() -> None:
 
 
 def k_for(qtype: T) -> int:
-    return 2048 if qtype in (T.Q4_K, T.Q6_K) else 1408
+    return 2048 if qtype in Q8_K_TYPES else 1408
 
 
 def dequantized_acts(x: np.ndarray, qtype: T) -> np.ndarray:
     """What the kernel multiplies: the 8-bit activations times their block scales, in float64 (exact)."""
-    if qtype in (T.Q4_K, T.Q6_K):
+    if qtype in Q8_K_TYPES:
         q, d = ref_q8_k(x)
         bs = 256
     else:
@@ -119,16 +126,16 @@ def dequantized_acts(x: np.ndarray, qtype: T) -> np.ndarray:
     return (q.astype(np.float64).reshape(x.shape[0], -1, bs) * d[..., None]).reshape(x.shape)
 
 
-def q4_k_part(raw: np.ndarray, zero_field: int) -> np.ndarray:
-    """Q4_K dequantized with d (0) or dmin (2) zeroed: the min part or the scale part alone."""
-    r = raw.copy().reshape(raw.shape[0], -1, 144)
+def part(raw: np.ndarray, qtype: T, zero_field: int) -> np.ndarray:
+    """A type with mins dequantized with its scale or its min field zeroed: the other part alone."""
+    r = raw.copy().reshape(raw.shape[0], -1, gguf.GGML_QUANT_SIZES[qtype][1])
     r[:, :, zero_field : zero_field + 2] = 0
-    return gguf.quants.dequantize(r.reshape(raw.shape), T.Q4_K).astype(np.float64)
+    return gguf.quants.dequantize(r.reshape(raw.shape), qtype).astype(np.float64)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("m,n", [(1, 37), (7, 50), (16, 16)])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q5_0, T.Q4_K, T.Q6_K, *NEW_TYPES], ids=lambda t: t.name)
+@pytest.mark.parametrize("m,n", [(1, 37), (7, 50), (16, 16), (9, 5)])
 def test_matmul_equals_quantized_math(qtype: T, m: int, n: int, isa: str) -> None:
     if isa not in isas_here():
         pytest.skip(f"CPU lacks {isa}")
@@ -142,18 +149,19 @@ def test_matmul_equals_quantized_math(qtype: T, m: int, n: int, isa: str) -> Non
     # Exact math: gguf's dequantized W (each value exact or within 1 float32 ulp) times the exactly
     # dequantized 8-bit activations, summed in float64. The kernel differs only by float32 rounding of the
     # per-block scale products and of the accumulation over <= 64 blocks: relative to the sum of |terms|,
-    # that is a few 1e-7; 1e-5 leaves margin. (Q4_K's |terms| include the mins.)
+    # that is a few 1e-7; 1e-5 leaves margin. (For types with mins, |terms| include the mins.)
     w = gguf.quants.dequantize(raw, qtype).astype(np.float64)
     xa = dequantized_acts(x, qtype)
     exact = xa @ w.T
     scale = np.abs(xa) @ np.abs(w).T
-    if qtype == T.Q4_K:  # the kernel sums d*sc*q and dmin*m separately: bound by both parts' magnitudes
-        scale = np.abs(xa) @ (np.abs(q4_k_part(raw, 0)) + np.abs(q4_k_part(raw, 2))).T
+    if qtype in MIN_FIELDS:  # the kernel sums d*sc*q and dmin*m separately: bound by both parts' magnitudes
+        d_field, m_field = MIN_FIELDS[qtype]
+        scale = np.abs(xa) @ (np.abs(part(raw, qtype, d_field)) + np.abs(part(raw, qtype, m_field))).T
     assert np.all(np.abs(y - exact) <= 1e-5 * scale + 1e-30), np.max(np.abs(y - exact) / scale)
 
     # Against the float product: quantizing x moves each value by at most half a step, amax/254 per block,
     # so |y - x @ W.T| <= |W| @ (amax_block / 254), plus float rounding.
-    bs = 256 if qtype in (T.Q4_K, T.Q6_K) else 32
+    bs = 256 if qtype in Q8_K_TYPES else 32
     half_step = np.repeat(np.abs(x).reshape(m, -1, bs).max(-1) / 254.0, bs, axis=1)
     bound = half_step @ np.abs(w).T
     err = np.abs(y - x.astype(np.float64) @ w.T)
@@ -227,8 +235,15 @@ def test_bad_arguments_raise() -> None:
 
 @pytest.mark.parametrize(
     "types",
-    [(T.Q4_K, T.Q4_K, T.Q4_0), (T.Q8_0, T.Q8_0, T.Q8_0), (T.Q4_K, T.Q8_0, T.Q6_K)],
-    ids=["q4k-q4_0", "q8_0", "mixed"],
+    [
+        (T.Q4_K, T.Q4_K, T.Q4_0),
+        (T.Q8_0, T.Q8_0, T.Q8_0),
+        (T.Q4_K, T.Q8_0, T.Q6_K),
+        (T.Q2_K, T.Q2_K, T.Q3_K),
+        (T.IQ4_XS, T.IQ4_XS, T.IQ4_NL),
+        (T.Q5_K, T.Q5_1, T.Q5_K),
+    ],
+    ids=["q4k-q4_0", "q8_0", "mixed", "q2k-q3k", "iq4", "q5"],
 )
 def test_moe_ffn_equals_chained_matmuls(types: tuple[T, T, T]) -> None:
     hidden, inter, k = 512, 256, 3
@@ -251,3 +266,36 @@ def test_moe_ffn_equals_chained_matmuls(types: tuple[T, T, T]) -> None:
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-3 * ref.abs().max().item())
     with pytest.raises(RuntimeError, match="bytes"):
         native.moe_ffn(x, gate, up, down[:2] + [down[2][:-1]], w, (int(g), int(u), int(d)), inter)
+
+
+# fp16 fields of every type in the extension's type table (byte offsets inside one block)
+F16_FIELDS = {
+    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0], T.IQ4_NL: [0], T.Q2_K: [80, 82],
+    T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.IQ4_XS: [0],
+}  # fmt: skip
+
+
+def test_type_table_matches_gguf_sizes_and_lists() -> None:
+    table = native.type_table()
+    assert set(T[name] for name in table) == set(F16_FIELDS)
+    for name, info in table.items():
+        assert (info.block, info.bytes) == gguf.GGML_QUANT_SIZES[T[name]]
+        assert info.q8_k == (info.block == 256)
+    assert native.SUPPORTED_QTYPES == {k: t.qtype for k, t in table.items() if t.matmul}
+    assert native.QUANTIZE_QTYPES == {k: t.qtype for k, t in table.items() if t.quantize}
+    assert {"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K"} <= set(native.SUPPORTED_QTYPES)
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda t: t.name)
+def test_table_dequantizers_equal_gguf_bit_for_bit(qtype: T) -> None:
+    """The C++ block decoders (which the generic kernels also use) against gguf-py, on random blocks."""
+    rng = np.random.default_rng(int(qtype))
+    bs, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(300, nbytes), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        d = rng.uniform(-2, 2, size=(300, 1)).astype(np.float16)
+        d[:5] = 0  # zero scales: signed zeros must match too
+        raw[:, off : off + 2] = d.view(np.uint8)
+    ref = gguf.quants.dequantize(raw, qtype).reshape(-1)
+    got = native.dequantize(raw.reshape(-1), int(qtype)).numpy()
+    np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))

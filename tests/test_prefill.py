@@ -12,12 +12,13 @@ from test_quant_formats import gguf_dequantize, random_raw
 
 from offload.experts import ExpertWeights
 from quant import native, prefill
+from quant.formats import FLOAT_TYPES, READ_TYPES
 from quant.qmatrix import QMatrix
 
 Q = gguf.GGMLQuantizationType
 U = 2.0**-8  # unit roundoff of bf16
 needs_native = pytest.mark.usefixtures("native_kernels")  # builds on first use, skips with the reason if it cannot
-EXPAND_TYPES = [Q(v) for v in native.DEQUANT_QTYPES.values()]
+EXPAND_TYPES = [t for t in READ_TYPES if t not in FLOAT_TYPES]  # every block type lite reads
 
 
 def _blocks(qtype: Q, n: int, k: int, rng: np.random.Generator) -> torch.Tensor:

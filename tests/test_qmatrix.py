@@ -282,3 +282,8 @@ def test_bf16_gemm_rows_are_bucketed():
     y = _linear(x, w)
     assert y.shape == (100, 48)
     torch.testing.assert_close(y.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_native
+def test_every_native_type_has_a_dequantize_threshold() -> None:
+    assert set(NATIVE_TYPES) == set(DEQUANT_FROM_ROWS)

@@ -3,13 +3,15 @@
 //
 // Why native: prefill multiplies every expert by tens of tokens, where a bf16 GEMM (oneDNN: AVX512-BF16 or AMX)
 // runs 3-6x faster than the 8-bit block kernels, provided the weight is expanded fast enough. The torch-level
-// dequantizer (quant/formats.py) spends ~4 ns per weight; this one ~0.1 ns, so expanding an expert costs a
-// fraction of its GEMM. Values are bit-identical to quant/formats.py (and gguf-py) before the bf16 rounding.
+// dequantizer (quant/formats.py) spends ~4 ns per weight; the hand-written AVX-512 forms below ~0.1 ns, so
+// expanding an expert costs a fraction of its GEMM. Every other type (and every type below AVX-512) goes through
+// the type table's row dequantizer. Values are bit-identical to gguf-py's before the bf16 rounding.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <utility>
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "gguf_kernels.h"
@@ -22,9 +24,30 @@
 #endif
 
 namespace lite_gguf {
-namespace dq_base {
-#include "dequant_blocks.inc"
-} // namespace dq_base
+namespace {
+
+// float32 -> bf16 with round-to-nearest-even (NaN -> a quiet NaN), as torch's .to(torch.bfloat16).
+void to_bf16(const float* x, uint16_t* y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        std::memcpy(&u, &x[i], 4);
+        const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+        y[i] = nan ? (uint16_t)0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+// Rows [r0, r1) of an (N, K) weight through the type table's dequantizer, a row at a time.
+void table_rows(const TypeTraits& t, const uint8_t* raw, int64_t K, int64_t r0, int64_t r1, void* out, bool bf16) {
+    const int64_t nb = K / t.block, row_bytes = nb * t.bytes;
+    std::vector<float> tmp(bf16 ? K : 0);
+    for (int64_t r = r0; r < r1; r++) {
+        float* dst = bf16 ? tmp.data() : (float*)out + r * K;
+        t.dequantize(raw + r * row_bytes, dst, nb);
+        if (bf16) to_bf16(dst, (uint16_t*)out + r * K, K);
+    }
+}
+
+} // namespace
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #if defined(__clang__)
@@ -35,7 +58,6 @@ namespace dq_base {
 #endif
 #include <immintrin.h>
 namespace dq_avx512 {
-#include "dequant_blocks.inc"
 
 // Hand-written AVX-512 forms of the types prefill meets most (16 values per step: widen the 4/5/6/8-bit codes to
 // int32, convert, scale, round to bf16). 512-bit float intrinsics are builtins with a rounding argument, never
@@ -139,14 +161,15 @@ static FastFn fast_fn(int qtype) {
     }
 }
 
-// Rows [r0, r1) as dequant_rows does, with the hand-written forms where there is one.
-static void rows(const uint8_t* raw, int qtype, int bs, int bytes, int64_t K, int64_t r0, int64_t r1, void* out,
+// Rows [r0, r1) with the hand-written form of `qtype`; false when it has none.
+static bool rows(const uint8_t* raw, int qtype, int bs, int bytes, int64_t K, int64_t r0, int64_t r1, void* out,
                  bool out_bf16) {
     const FastFn fn = out_bf16 ? fast_fn<true>(qtype) : fast_fn<false>(qtype);
-    if (!fn) return dequant_rows(raw, qtype, bs, bytes, K, r0, r1, out, out_bf16);
+    if (!fn) return false;
     const int64_t nb = K / bs, row_bytes = nb * bytes;
     for (int64_t r = r0; r < r1; r++)
         for (int64_t b = 0; b < nb; b++) fn(raw + r * row_bytes + b * bytes, out, r * K + b * bs);
+    return true;
 }
 } // namespace dq_avx512
 #if defined(__clang__)
@@ -171,33 +194,16 @@ bool has_avx512() {
 #endif
 }
 
-// (values, bytes) per block of the types dequant_blocks.inc decodes
-std::pair<int, int> geometry(int64_t qtype) {
-    switch (qtype) {
-    case 2: return {32, 18};   // Q4_0
-    case 3: return {32, 20};   // Q4_1
-    case 6: return {32, 22};   // Q5_0
-    case 7: return {32, 24};   // Q5_1
-    case 8: return {32, 34};   // Q8_0
-    case 12: return {256, 144}; // Q4_K
-    case 13: return {256, 176}; // Q5_K
-    case 14: return {256, 210}; // Q6_K
-    default: return {0, 0};
-    }
-}
-
-std::vector<int64_t> dequant_qtypes() { return {2, 3, 6, 7, 8, 12, 13, 14}; }
-
 void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out, int64_t isa) {
-    const auto [bs, bytes] = geometry(qtype);
-    TORCH_CHECK(bs > 0, "cannot dequantize GGUF type id ", qtype, " natively");
+    const TypeTraits* t = type_traits((int)qtype);
+    TORCH_CHECK(t && t->dequantize, "cannot dequantize GGUF type id ", qtype, " natively");
     TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous 2-D CPU tensor");
     const bool bf16 = out.scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16 || out.scalar_type() == at::kFloat, "out must be float32 or bfloat16");
     const int64_t N = out.size(0), K = out.size(1);
-    TORCH_CHECK(K % bs == 0, "rows of ", K, " values are not whole blocks of ", bs);
-    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == N * (K / bs) * bytes,
-                "raw must be ", N * (K / bs) * bytes, " contiguous bytes, got ", raw.numel());
+    TORCH_CHECK(K % t->block == 0, "rows of ", K, " values are not whole blocks of ", t->block);
+    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == N * (K / t->block) * t->bytes,
+                "raw must be ", N * (K / t->block) * t->bytes, " contiguous bytes, got ", raw.numel());
     const uint8_t* src = raw.data_ptr<uint8_t>();
     void* dst = out.data_ptr();
     const bool wide = has_avx512() && (isa < 0 || isa >= ISA_AVX512VNNI); // isa: LITE_NATIVE_ISA's cap
@@ -205,9 +211,9 @@ void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out
     const int64_t grain = std::max<int64_t>(1, 65536 / K);
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-        if (wide) return dq_avx512::rows(src, (int)qtype, bs, bytes, K, r0, r1, dst, bf16);
+        if (wide && dq_avx512::rows(src, (int)qtype, t->block, t->bytes, K, r0, r1, dst, bf16)) return;
 #endif
-        dq_base::dequant_rows(src, (int)qtype, bs, bytes, K, r0, r1, dst, bf16);
+        table_rows(*t, src, K, r0, r1, dst, bf16);
     });
 }
 
@@ -216,5 +222,4 @@ void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out
 
 TORCH_LIBRARY_FRAGMENT(lite_gguf, m) {
     m.def("dequantize_into(Tensor raw, int qtype, Tensor(a!) out, int isa=-1) -> ()", &lite_gguf::dequantize_into);
-    m.def("dequant_qtypes() -> int[]", &lite_gguf::dequant_qtypes);
 }

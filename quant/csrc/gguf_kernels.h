@@ -1,4 +1,5 @@
-// Shared declarations for the GGUF block kernels (no torch dependency: the kernel files compile fast).
+// Shared declarations for the GGUF block kernels and the type table (no torch dependency: the kernel files
+// compile fast).
 //
 // A kernel computes y[m, n] = sum_k W[n, k] * x[m, k] for a range of weight rows n, reading W straight from
 // its GGUF blocks and x from 8-bit activations quantized exactly as llama.cpp's quantize_row_q8_0_ref /
@@ -7,15 +8,20 @@
 #include <cstdint>
 #include <cstring>
 
+#include "quant_blocks.h"
+
 namespace lite_gguf {
 
-// ggml type ids (gguf.GGMLQuantizationType)
-enum QType : int { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14 };
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LITE_X86 1 // the AVX2 / AVX512 kernel files are compiled
+#else
+#define LITE_X86 0
+#endif
 
 // Instruction-set levels, best last.
-enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2 };
+enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2, ISA_COUNT = 3 };
 
-// x quantized per row: Q8_0 (blocks of 32) for Q4_0/Q5_0/Q8_0 weights, Q8_K (blocks of 256) for K-quants.
+// x quantized per row: Q8_0 (blocks of 32) for 32-value weight types, Q8_K (blocks of 256) for K-quants/IQ4_XS.
 struct Acts {
     const int8_t* qs;    // [M][K]
     const float* d;      // [M][K / block] block scales (Q8_0: already rounded through fp16, as stored)
@@ -28,19 +34,41 @@ struct Acts {
 
 // Computes y[m * ldy + n] for all m in [0, M) and n in [n0, n1).
 using RowsFn = void (*)(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// Dequantizes `nb` consecutive blocks into nb * block floats (bit-identical to gguf.quants.dequantize).
+using DequantFn = void (*)(const uint8_t* blocks, float* out, int64_t nb);
 
-int block_size(int qtype);      // values per block; 0 when unsupported
-int block_bytes(int qtype);     // bytes per block
-bool uses_q8_k(int qtype);      // activations in Q8_K (else Q8_0)
+// One row per GGUF block type lite knows (ggml's type_traits / type_traits_cpu, in one table).
+struct TypeTraits {
+    int qtype;              // ggml type id
+    const char* name;       // as gguf.GGMLQuantizationType names it
+    int block;              // values per block
+    int bytes;              // bytes per block (sizeof the block struct)
+    bool q8_k;              // activations quantized to Q8_K (blocks of 256), else Q8_0 (blocks of 32)
+    RowsFn kernel[ISA_COUNT]; // the block-dot kernel per instruction set; nullptr: none at that level
+    DequantFn dequantize;   // nullptr: not dequantized natively
+    QuantizeFn quantize;    // llama.cpp's reference quantizer; nullptr: lite cannot write the type
+};
+
+// nullptr for a type id not in the table.
+const TypeTraits* type_traits(int qtype);
+// The whole table: `count` rows.
+const TypeTraits* type_table(int& count);
+// The best instruction set this CPU runs, detected once (on first use, i.e. when the extension loads).
+int best_isa();
+
+// The types with block-dot kernels. Each ISA file defines one function per type in its namespace
+// (scalar::q4_0, avx2::q4_0, avx512::q4_0, ...); type_traits.cpp puts their addresses in the table.
+#define LITE_KERNEL_TYPES(X) X(q8_0) X(q4_0) X(q5_0) X(q5_1) X(iq4_nl) X(q2_K) X(q3_K) X(q4_K) X(q5_K) X(q6_K) X(iq4_xs)
+#define LITE_DECLARE_KERNEL(t) void t(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1);
+namespace scalar { LITE_KERNEL_TYPES(LITE_DECLARE_KERNEL) }
+#if LITE_X86
+namespace avx2 { LITE_KERNEL_TYPES(LITE_DECLARE_KERNEL) }
+namespace avx512 { LITE_KERNEL_TYPES(LITE_DECLARE_KERNEL) }
+#endif
 
 // Reference activation quantizers (one row of K values).
 void quantize_row_q8_0(const float* x, int64_t K, int8_t* qs, float* d, int32_t* sums);
 void quantize_row_q8_K(const float* x, int64_t K, int8_t* qs, float* d, int32_t* bsums);
-
-RowsFn scalar_kernel(int qtype);
-RowsFn avx2_kernel(int qtype);   // nullptr when not compiled for x86
-RowsFn avx512_kernel(int qtype); // nullptr when not compiled for x86
-int best_isa();                  // what this CPU runs
 
 // IEEE half <-> float, round-to-nearest-even (as ggml's GGML_FP32_TO_FP16).
 inline float fp16_to_f32(uint16_t h) {

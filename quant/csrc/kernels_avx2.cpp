@@ -1,7 +1,7 @@
 // AVX2 + FMA + F16C variant of the SIMD kernels (any x86-64 CPU since ~2013).
 #include "gguf_kernels.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if LITE_X86
 #include <immintrin.h>
 
 #if defined(__clang__)
@@ -17,7 +17,6 @@ namespace avx2 {
 #include "kernels_simd.inc"
 #undef LITE_VNNI
 } // namespace avx2
-RowsFn avx2_kernel(int qtype) { return avx2::kernel_for(qtype); }
 } // namespace lite_gguf
 
 #if defined(__clang__)
@@ -26,8 +25,4 @@ RowsFn avx2_kernel(int qtype) { return avx2::kernel_for(qtype); }
 #pragma GCC pop_options
 #endif
 
-#else
-namespace lite_gguf {
-RowsFn avx2_kernel(int) { return nullptr; }
-}
-#endif
+#endif // no x86: the table has no entries for this ISA

@@ -2,7 +2,7 @@
 // vpdpbusd / vpdpwssd on 256-bit vectors (AVX512VL), which keeps clocks high and loads block-sized.
 #include "gguf_kernels.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if LITE_X86
 #include <immintrin.h>
 
 #if defined(__clang__)
@@ -18,7 +18,6 @@ namespace avx512 {
 #include "kernels_simd.inc"
 #undef LITE_VNNI
 } // namespace avx512
-RowsFn avx512_kernel(int qtype) { return avx512::kernel_for(qtype); }
 } // namespace lite_gguf
 
 #if defined(__clang__)
@@ -27,8 +26,4 @@ RowsFn avx512_kernel(int qtype) { return avx512::kernel_for(qtype); }
 #pragma GCC pop_options
 #endif
 
-#else
-namespace lite_gguf {
-RowsFn avx512_kernel(int) { return nullptr; }
-}
-#endif
+#endif // no x86: the table has no entries for this ISA

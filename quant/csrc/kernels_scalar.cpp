@@ -5,27 +5,6 @@
 
 namespace lite_gguf {
 
-int block_size(int qtype) {
-    switch (qtype) {
-    case Q4_0: case Q5_0: case Q8_0: return 32;
-    case Q4_K: case Q6_K: return 256;
-    default: return 0;
-    }
-}
-
-int block_bytes(int qtype) {
-    switch (qtype) {
-    case Q4_0: return 18;
-    case Q5_0: return 22;
-    case Q8_0: return 34;
-    case Q4_K: return 144;
-    case Q6_K: return 210;
-    default: return 0;
-    }
-}
-
-bool uses_q8_k(int qtype) { return qtype == Q4_K || qtype == Q6_K; }
-
 uint16_t f32_to_fp16(float f) {
     uint32_t x;
     std::memcpy(&x, &f, 4);
@@ -94,7 +73,10 @@ void quantize_row_q8_K(const float* x, int64_t K, int8_t* qs, float* d, int32_t*
     }
 }
 
+namespace scalar {
 namespace {
+
+#include "decode_blocks.inc"
 
 // Each kernel: one weight row `wr` against activation row m; returns the float dot product.
 float dot_q8_0(const uint8_t* wr, const Acts& a, int64_t m) {
@@ -208,17 +190,46 @@ void rows(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, in
         for (int64_t m = 0; m < a.M; m++) y[m * ldy + n] = Dot(w + n * row_bytes, a, m);
 }
 
-} // namespace
-
-RowsFn scalar_kernel(int qtype) {
-    switch (qtype) {
-    case Q8_0: return rows<dot_q8_0, 34, 32>;
-    case Q4_0: return rows<dot_q4_0, 18, 32>;
-    case Q5_0: return rows<dot_q5_0, 22, 32>;
-    case Q4_K: return rows<dot_q4_k, 144, 256>;
-    case Q6_K: return rows<dot_q6_k, 210, 256>;
-    default: return nullptr;
+// Any type with a decoder: decode each block once per weight row, then exact integer dots per activation row
+// (ggml_vec_dot_*'s reference: integer sums per block, float scales per block).
+template <class D>
+void rows_generic(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+    const int64_t nb = a.K / D::QK, row_bytes = nb * D::BYTES;
+    Blk<D::QK> o;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t m = 0; m < a.M; m++) y[m * ldy + n] = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            D::decode(w + n * row_bytes + b * D::BYTES, o);
+            for (int64_t m = 0; m < a.M; m++) {
+                const int8_t* x = a.qs + m * a.K + b * D::QK;
+                int32_t isum = 0;
+                for (int g = 0; g < D::QK / 16; g++) {
+                    int32_t s = 0;
+                    for (int l = 0; l < 16; l++) s += o.q[16 * g + l] * x[16 * g + l];
+                    isum += o.sc[g] * s;
+                }
+                const float xd = a.d[m * nb + b];
+                float v = (xd * o.d) * (float)isum;
+                if constexpr (D::MIN) v += (xd * o.dmin) * (float)block_imin<D>(o, a, m, b);
+                y[m * ldy + n] += v;
+            }
+        }
     }
 }
 
+} // namespace
+
+void q8_0(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q8_0, 34, 32>(w, a, y, ldy, n0, n1); }
+void q4_0(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q4_0, 18, 32>(w, a, y, ldy, n0, n1); }
+void q5_0(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q5_0, 22, 32>(w, a, y, ldy, n0, n1); }
+void q4_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q4_k, 144, 256>(w, a, y, ldy, n0, n1); }
+void q6_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows<dot_q6_k, 210, 256>(w, a, y, ldy, n0, n1); }
+void q5_1(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ5_1>(w, a, y, ldy, n0, n1); }
+void iq4_nl(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecIQ4_NL>(w, a, y, ldy, n0, n1); }
+void q2_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ2_K>(w, a, y, ldy, n0, n1); }
+void q3_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ3_K>(w, a, y, ldy, n0, n1); }
+void q5_K(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecQ5_K>(w, a, y, ldy, n0, n1); }
+void iq4_xs(const uint8_t* w, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) { rows_generic<DecIQ4_XS>(w, a, y, ldy, n0, n1); }
+
+} // namespace scalar
 } // namespace lite_gguf

@@ -1,5 +1,13 @@
-// torch bindings: torch.ops.lite_gguf.{matmul, quantize_acts, best_isa}. Quantizes x once, then runs the
-// chosen kernel over weight rows in parallel with torch's intra-op threads.
+// The torch bindings of the block kernels, and the one place the `lite_gguf` op library is declared
+// (TORCH_LIBRARY at the bottom; other files add ops with TORCH_LIBRARY_FRAGMENT, e.g. quantize_ops.cpp):
+//   matmul(x, raw, qtype, N, K, isa)   y = x @ W.T with W as raw GGUF blocks: quantizes x once (Q8_0 or Q8_K, as
+//                                      the type table says), then runs the type's kernel for the chosen ISA over
+//                                      weight rows in parallel with torch's intra-op threads
+//   moe_ffn(...)                       one token through k routed experts (gate/up/down) in one call
+//   quantize_acts(x, q8_k)             the activation quantizer, exposed for tests
+//   dequantize_into(raw, qtype, out)   GGUF blocks -> float32/bf16 rows (dequant_ops.cpp)
+//   type_table()                       the type table as ints, read by quant/native.py
+//   best_isa()                         the instruction set detected when the extension loaded
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,18 +21,6 @@
 #include "gguf_kernels.h"
 
 namespace lite_gguf {
-
-int best_isa() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-        return ISA_AVX512VNNI;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return ISA_AVX2;
-#endif
-    return ISA_SCALAR;
-}
 
 namespace {
 
@@ -73,28 +69,32 @@ QuantizedX quantize(const at::Tensor& x, bool q8_k) {
     return q;
 }
 
+const TypeTraits& traits_of(int64_t qtype) {
+    const TypeTraits* t = type_traits((int)qtype);
+    TORCH_CHECK(t && t->kernel[ISA_SCALAR], "unsupported GGUF type id ", qtype);
+    return *t;
+}
+
+// The type's kernel at the best level not above `isa` (-1: the best this CPU runs).
 RowsFn pick(int64_t qtype, int64_t isa) {
-    const int64_t level = isa < 0 ? best_isa() : std::min<int64_t>(isa, best_isa());
-    RowsFn fn = nullptr;
-    if (level >= ISA_AVX512VNNI) fn = avx512_kernel((int)qtype);
-    if (!fn && level >= ISA_AVX2) fn = avx2_kernel((int)qtype);
-    if (!fn) fn = scalar_kernel((int)qtype);
-    TORCH_CHECK(fn, "unsupported GGUF type id ", qtype);
-    return fn;
+    const TypeTraits& t = traits_of(qtype);
+    for (int64_t level = isa < 0 ? best_isa() : std::min<int64_t>(isa, best_isa()); level >= 0; level--)
+        if (t.kernel[level]) return t.kernel[level];
+    return t.kernel[ISA_SCALAR];
 }
 
 // y[M, N] = x[M, K] @ W[N, K].T with W given as its raw GGUF bytes (N rows of K / block blocks).
 at::Tensor matmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, int64_t N, int64_t K, int64_t isa) {
-    const int bs = block_size((int)qtype);
-    TORCH_CHECK(bs > 0, "unsupported GGUF type id ", qtype);
+    const TypeTraits& t = traits_of(qtype);
+    const int bs = t.block;
     TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "], got ", x.sizes());
     TORCH_CHECK(K % bs == 0, "K=", K, " is not a multiple of the block size ", bs);
     TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.device().is_cpu(),
                 "raw must be a contiguous CPU uint8 tensor");
-    const int64_t row_bytes = K / bs * block_bytes((int)qtype);
+    const int64_t row_bytes = K / bs * t.bytes;
     TORCH_CHECK(raw.numel() == N * row_bytes, "raw has ", raw.numel(), " bytes, expected ", N * row_bytes);
     const RowsFn fn = pick(qtype, isa);
-    const QuantizedX q = quantize(x, uses_q8_k((int)qtype));
+    const QuantizedX q = quantize(x, t.q8_k);
     const Acts a = q.acts();
     at::Tensor y = at::empty({a.M, N}, x.options());
     float* py = y.data_ptr<float>();
@@ -132,13 +132,14 @@ void experts_parallel(RowsFn fn, const std::vector<const uint8_t*>& raws, const 
 
 std::vector<const uint8_t*> checked_raws(at::TensorList raws, int64_t rows, int64_t K, int64_t qtype,
                                          const char* what) {
-    const int bs = block_size((int)qtype);
-    TORCH_CHECK(bs > 0 && K % bs == 0, what, ": type ", qtype, " cannot hold rows of ", K);
+    const TypeTraits& t = traits_of(qtype);
+    const int bs = t.block;
+    TORCH_CHECK(K % bs == 0, what, ": type ", qtype, " cannot hold rows of ", K);
     std::vector<const uint8_t*> out;
     for (const at::Tensor& r : raws) {
         TORCH_CHECK(r.scalar_type() == at::kByte && r.is_contiguous() && r.device().is_cpu(), what, " must be contiguous CPU uint8");
-        TORCH_CHECK(r.numel() == rows * (K / bs) * block_bytes((int)qtype), what, " has ", r.numel(), " bytes, expected ",
-                    rows * (K / bs) * block_bytes((int)qtype));
+        TORCH_CHECK(r.numel() == rows * (K / bs) * t.bytes, what, " has ", r.numel(), " bytes, expected ",
+                    rows * (K / bs) * t.bytes);
         out.push_back(r.data_ptr<uint8_t>());
     }
     return out;
@@ -156,7 +157,7 @@ at::Tensor moe_ffn(const at::Tensor& x, at::TensorList gate, at::TensorList up, 
     const auto u_raw = checked_raws(up, inter, hidden, up_qtype, "up");
     const auto d_raw = checked_raws(down, hidden, inter, down_qtype, "down");
     const at::Tensor x2 = x.reshape({1, hidden});
-    const bool gk = uses_q8_k((int)gate_qtype), uk = uses_q8_k((int)up_qtype), dk = uses_q8_k((int)down_qtype);
+    const bool gk = traits_of(gate_qtype).q8_k, uk = traits_of(up_qtype).q8_k, dk = traits_of(down_qtype).q8_k;
     const QuantizedX qg = quantize(x2, gk);
     const QuantizedX qu = gk == uk ? qg : quantize(x2, uk);
     at::Tensor gu = at::empty({2, k, inter}, x.options());
@@ -192,6 +193,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_acts(const at::Tensor& x
 
 int64_t best_isa_op() { return best_isa(); }
 
+// [qtype, block, bytes, q8_k, has kernel, can quantize] for every row of the type table, flattened.
+std::vector<int64_t> type_table_op() {
+    int n = 0;
+    const TypeTraits* table = type_table(n);
+    std::vector<int64_t> out;
+    for (int i = 0; i < n; i++) {
+        const TypeTraits& t = table[i];
+        out.insert(out.end(), {t.qtype, t.block, t.bytes, t.q8_k, t.kernel[ISA_SCALAR] != nullptr, t.quantize != nullptr});
+    }
+    return out;
+}
+
 } // namespace
 } // namespace lite_gguf
 
@@ -199,6 +212,7 @@ TORCH_LIBRARY(lite_gguf, m) {
     m.def("matmul(Tensor x, Tensor raw, int qtype, int N, int K, int isa=-1) -> Tensor", &lite_gguf::matmul);
     m.def("quantize_acts(Tensor x, bool q8_k) -> (Tensor, Tensor, Tensor)", &lite_gguf::quantize_acts);
     m.def("best_isa() -> int", &lite_gguf::best_isa_op);
+    m.def("type_table() -> int[]", &lite_gguf::type_table_op);
     m.def("moe_ffn(Tensor x, Tensor[] gate, Tensor[] up, Tensor[] down, Tensor weights, int gate_qtype, int up_qtype, "
           "int down_qtype, int inter, int isa=-1) -> Tensor",
           &lite_gguf::moe_ffn);

@@ -6,7 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "quant_blocks.h"
+#include "gguf_kernels.h"
 
 namespace lite_gguf {
 

@@ -1,10 +1,10 @@
 // The 32-value block quantizers (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): llama.cpp's quantize_row_*_ref, which
-// gguf-py's numpy quantizers also follow, and the table of every type lite writes.
+// gguf-py's numpy quantizers also follow. The table of every type lite writes is type_traits.cpp.
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 
-#include "quant_blocks.h"
+#include "gguf_kernels.h"
 
 namespace lite_gguf {
 
@@ -31,6 +31,8 @@ inline void min_max(const float* x, int n, float& min, float& max) {
         if (x[j] > max) max = x[j];
     }
 }
+
+} // namespace
 
 void quantize_q8_0(const float* x, void* out, int64_t nb) {
     block_q8_0* y = (block_q8_0*)out;
@@ -76,6 +78,7 @@ void quantize_q4_1(const float* x, void* out, int64_t nb) {
 }
 
 // Q5_0 (signed, offset 16) and Q5_1 (scale and minimum): 4 low bits in qs, the 5th bit of value j in bit j of qh.
+namespace {
 template <bool WithMin>
 void quantize_q5(const float* x, void* out, int64_t nb) {
     constexpr int qk = 32;
@@ -115,23 +118,9 @@ void quantize_q5(const float* x, void* out, int64_t nb) {
     }
 }
 
-const QuantTraits TRAITS[] = {
-    {QT_Q4_0, QK4_0, sizeof(block_q4_0), quantize_q4_0},
-    {QT_Q4_1, QK4_1, sizeof(block_q4_1), quantize_q4_1},
-    {QT_Q5_0, QK5_0, sizeof(block_q5_0), quantize_q5<false>},
-    {QT_Q5_1, QK5_1, sizeof(block_q5_1), quantize_q5<true>},
-    {QT_Q8_0, QK8_0, sizeof(block_q8_0), quantize_q8_0},
-    {QT_Q4_K, QK_K, sizeof(block_q4_K), quantize_q4_K},
-    {QT_Q5_K, QK_K, sizeof(block_q5_K), quantize_q5_K},
-    {QT_Q6_K, QK_K, sizeof(block_q6_K), quantize_q6_K},
-};
-
 } // namespace
 
-const QuantTraits* quant_traits(int qtype) {
-    for (const QuantTraits& t : TRAITS)
-        if (t.qtype == qtype) return &t;
-    return nullptr;
-}
+void quantize_q5_0(const float* x, void* out, int64_t nb) { quantize_q5<false>(x, out, nb); }
+void quantize_q5_1(const float* x, void* out, int64_t nb) { quantize_q5<true>(x, out, nb); }
 
 } // namespace lite_gguf

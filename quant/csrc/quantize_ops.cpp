@@ -7,14 +7,14 @@
 
 #include <atomic>
 
-#include "quant_blocks.h"
+#include "gguf_kernels.h"
 
 namespace lite_gguf {
 namespace {
 
 at::Tensor quantize(const at::Tensor& x, int64_t qtype) {
-    const QuantTraits* t = quant_traits((int)qtype);
-    TORCH_CHECK(t, "cannot quantize to GGUF type id ", qtype);
+    const TypeTraits* t = type_traits((int)qtype);
+    TORCH_CHECK(t && t->quantize, "cannot quantize to GGUF type id ", qtype);
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1,
                 "x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
     const at::Tensor xc = x.contiguous();
@@ -26,7 +26,7 @@ at::Tensor quantize(const at::Tensor& x, int64_t qtype) {
     uint8_t* po = out.data_ptr<uint8_t>();
     // ~4K values per task: the K-quant search costs ~1 µs per 256 values, the 32-value types far less
     const int64_t grain = t->block == QK_K ? 16 : 512;
-    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { t->fn(px + b0 * t->block, po + b0 * t->bytes, b1 - b0); });
+    at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) { t->quantize(px + b0 * t->block, po + b0 * t->bytes, b1 - b0); });
     return out;
 }
 
