@@ -26,10 +26,10 @@ from quant.formats import dequantize
 Q = gguf.GGMLQuantizationType
 
 # Rows from which expand + bf16 GEMM beats the 8-bit block kernel for one 2048x2048 weight (CPU time, 1 thread,
-# AMD EPYC with AVX512-BF16; 2026-12-05): the 32-value types and Q6_K cross at ~10 rows, Q4_K (the cheapest
-# 8-bit kernel) at ~20.
+# AMD EPYC with AVX512-BF16; 2026-12-05): the 32-value types and Q6_K cross at ~10 rows, Q4_K (the cheapest 8-bit
+# kernel) at ~20; the types without a hand-written expander (0.4-1 ns per weight through the type table) later.
 FROM_ROWS = {Q.Q8_0: 12, Q.Q4_0: 12, Q.Q5_0: 12, Q.Q4_K: 20, Q.Q6_K: 12,
-             Q.Q5_1: 12, Q.IQ4_NL: 12, Q.Q2_K: 12, Q.Q3_K: 12, Q.IQ4_XS: 12, Q.Q5_K: 12}  # fmt: skip
+             Q.Q5_1: 12, Q.IQ4_NL: 12, Q.IQ4_XS: 16, Q.Q5_K: 24, Q.Q2_K: 24, Q.Q3_K: 32}  # fmt: skip
 # ... and for a whole expert (gate/up Q4_K, down Q8_0 or Q5_0: `bench_prefill.py --kernels`), where fusing gate
 # and up into one GEMM moves the crossover to ~14 rows.
 SWIGLU_FROM_ROWS = 16
