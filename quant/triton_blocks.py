@@ -293,31 +293,35 @@ def _gemv_step(acc, x_row, stride_xm, m_left, rows, K, k0, QTYPE: tl.constexpr, 
         elif QTYPE == T_Q2_K or QTYPE == T_Q3_K:
             # Run r = 2h + t (h: which 128 columns, t: which 16 of 32): byte l of the run's 16 qs bytes holds at shift
             # 2s the low two bits of column 128h + 32s + 16t + l, whose scale is number j = 8h + 2s + t.
+            if QTYPE == T_Q2_K:
+                # qs from byte 16; scale byte j: the scale in its low nibble, the min in its high one
+                qs = field(blocks, bm, 16 + 16 * r, 16, MASKED)
+                d = half(u16s(blocks, bm, 80, MASKED))
+                dmin = half(u16s(blocks, bm, 82, MASKED))
+            else:
+                # qs from byte 32; the third bit is bit 4h + s of hmask byte 16t + l (set: q, clear: q - 4)
+                qs = field(blocks, bm, 32 + 16 * r, 16, MASKED)
+                hm = field(blocks, bm, 16 * (r & 1), 16, MASKED) >> (4 * (r4 >> 1))
+                d = half(u16s(blocks, bm, 108, MASKED))
             for s in tl.static_range(4):
                 j = 8 * (r4 >> 1) + (r4 & 1) + 2 * s  # [1, 1, R, 1]
-                xo = 128 * (r4 >> 1) + 16 * (r4 & 1) + 32 * s
+                q = (qs >> (2 * s)) & 3
                 if QTYPE == T_Q2_K:
-                    # qs from byte 16; scale byte j: the scale in its low nibble, the min in its high one
-                    q = (field(blocks, bm, 16 + 16 * r, 16, MASKED) >> (2 * s)) & 3
                     sc = ld(blocks + j, bm, MASKED).to(tl.int32)
-                    dl = half(u16s(blocks, bm, 80, MASKED)) * exact(sc & 15, 0.0)
-                    w = dl * exact(q, 0.0) - half(u16s(blocks, bm, 82, MASKED)) * exact(sc >> 4, 0.0)
+                    w = (d * exact(sc & 15, 0.0)) * exact(q, 0.0) - dmin * exact(sc >> 4, 0.0)
                 else:
-                    # qs from byte 32; the third bit is bit 4h + s of hmask byte 16t + l (set: q, clear: q - 4); the
-                    # 6-bit scale j: low four bits of byte 96 + j % 8 at shift 4 * (j // 8), top two of byte
-                    # 104 + j % 4 at shift 2 * (j // 4), minus 32.
-                    q = (field(blocks, bm, 32 + 16 * r, 16, MASKED) >> (2 * s)) & 3
-                    hm = (field(blocks, bm, 16 * (r & 1), 16, MASKED) >> (4 * (r4 >> 1) + s)) & 1
+                    # the 6-bit scale j: low four bits of byte 96 + j % 8 at shift 4 * (j // 8), top two of byte
+                    # 104 + j % 4 at shift 2 * (j // 4); minus 32
                     lo = ld(blocks + 96 + (j & 7), bm, MASKED).to(tl.int32) >> (4 * (j >> 3))
                     hi = ld(blocks + 104 + (j & 3), bm, MASKED).to(tl.int32) >> (2 * (j >> 2))
-                    dl = half(u16s(blocks, bm, 108, MASKED)) * exact((lo & 15) | ((hi & 3) << 4), 32.0)
-                    w = dl * exact(q | (hm << 2), 4.0)
+                    w = (d * exact((lo & 15) | ((hi & 3) << 4), 32.0)) * exact(q | (((hm >> s) & 1) << 2), 4.0)
+                xo = 128 * (r4 >> 1) + 16 * (r4 & 1) + 32 * s
                 acc = _mac(acc, w, x_row, stride_xm, m_left, col + xo, bm, BLOCK_M, MASKED)
         elif QTYPE == T_IQ4_XS:
             # Run r = sub-block r (32 columns): qs bytes 8 + 16r + l hold columns 32r + l (low nibble) and 32r + 16 + l
-            # (high). Its 6-bit scale: low four bits of byte 4 + r // 2 at shift 4 * (r % 2), top two of the uint16 at
-            # byte 2 at shift 2r; minus 32.
-            lo = ld(blocks + 4 + (r4 >> 1), bm, MASKED).to(tl.int32) >> (4 * (r4 & 1))
+            # (high). Its 6-bit scale: low four bits at bit 4r of the little-endian word at byte 4 (scales_l: byte
+            # r // 2, shift 4 * (r % 2)), top two at bit 2r of the uint16 at byte 2; minus 32.
+            lo = ld((blocks + 4).to(tl.pointer_type(tl.uint32)), bm, MASKED).to(tl.int32, bitcast=True) >> (4 * r4)
             hi = u16s(blocks, bm, 2, MASKED) >> (2 * r4)
             dl = half(u16s(blocks, bm, 0, MASKED)) * exact((lo & 15) | ((hi & 3) << 4), 32.0)
             qs = field(blocks, bm, 8 + 16 * r, 16, MASKED)
