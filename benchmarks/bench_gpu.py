@@ -40,6 +40,9 @@ F16_FIELDS = {
     Q.Q4_1: ((0, D), (2, -7.5 * D)),  # w = d q + m, q in 0..15
     Q.Q4_K: ((0, D), (2, 7.5 * D)),  # w = d sc q - dmin m, sc and m random 6-bit: centred on average
     Q.Q5_K: ((0, D), (2, 15.5 * D)),
+    Q.Q5_1: ((0, D), (2, -15.5 * D)),  # w = d q + m, q in 0..31
+    Q.Q2_K: ((80, D), (82, 1.5 * D)),  # w = d sc q - dmin m, sc and m random 4-bit, q in 0..3
+    Q.Q3_K: ((108, D),), Q.IQ4_NL: ((0, D),), Q.IQ4_XS: ((0, D),),  # signed levels and scales: about centred
 }  # fmt: skip
 
 

@@ -21,7 +21,8 @@ from quant.errors import LiteError
 Q = gguf.GGMLQuantizationType
 
 SUPPORTED_QTYPES: tuple[Q, ...] = (
-    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K
+    Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL,
+    Q.IQ4_XS,
 )  # fmt: skip
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SLOT_ALIGN = 16

@@ -1,18 +1,13 @@
-"""Triton kernels that multiply by raw GGUF blocks: per-type dequantization helpers and the matmul kernel.
+"""Triton kernels that multiply by raw GGUF blocks: the matmul kernel, its GEMV form, and their tile sizes.
 
 Imported lazily by `quant.device_kernels` (this module needs triton). Whether the kernels are compiled for the GPU
 or run by triton's CPU interpreter is decided when this module is imported (`TRITON_INTERPRET=1` at that moment).
 
 The tl.dot form (M > 8) dequantizes a [BLOCK_N, BLOCK_K] tile of weights inside its K loop, straight from the GGUF
-bytes, and multiplies in float32. Quantized tiles are built as [BLOCK_N, NG, G]: NG groups of G columns that share
-one scale (G = 32, or 16 for Q6_K), so each scale is decoded once per group, not once per weight, and the tile is
-reshaped to [BLOCK_N, BLOCK_K] at the end. Column index arithmetic ([NG, G]) is shared by all rows of the tile. The
-bit layouts follow `quant/formats.py` (bit-identical to gguf.quants). The GEMV form (M <= 8, decode) is `gemv`,
-which loads whole blocks field by field (see the comment above it).
-
-Rows are passed as a [BLOCK_N] vector of uint8 pointers to the first byte of each row, so the same helpers serve a
-plain matrix and an expert inside a pool slot. Matrices start 16-byte aligned and every GGUF block size is even,
-so every f16 field sits at an even address and is read through a uint16 pointer and bit-cast.
+bytes (`quant.triton_decode.dequant_tile`), and multiplies in float32. The GEMV form (M <= 8, decode) is `gemv`,
+which loads whole blocks field by field (see the comment above it) with the readers of `quant.triton_decode`.
+Rows are passed as a [BLOCK_N] vector of uint8 pointers to the first byte of each row, so the same code serves a
+plain matrix and an expert inside a pool slot.
 """
 
 from __future__ import annotations
@@ -22,20 +17,33 @@ import torch
 import triton
 import triton.language as tl
 
-Q = gguf.GGMLQuantizationType
+from quant.triton_decode import (
+    T_BF16,
+    T_F16,
+    T_F32,
+    T_IQ4_NL,
+    T_IQ4_XS,
+    T_Q2_K,
+    T_Q3_K,
+    T_Q4_0,
+    T_Q4_1,
+    T_Q4_K,
+    T_Q5_0,
+    T_Q5_1,
+    T_Q5_K,
+    T_Q6_K,
+    T_Q8_0,
+    dequant_tile,
+    exact,
+    field,
+    half,
+    iq4,
+    k_scales,
+    ld,
+    u16s,
+)
 
-# gguf.GGMLQuantizationType values: the kernels branch on these at compile time (QTYPE is a constexpr).
-_F32 = tl.constexpr(0)
-_F16 = tl.constexpr(1)
-_Q4_0 = tl.constexpr(2)
-_Q4_1 = tl.constexpr(3)
-_Q5_0 = tl.constexpr(6)
-_Q5_1 = tl.constexpr(7)
-_Q8_0 = tl.constexpr(8)
-_Q4_K = tl.constexpr(12)
-_Q5_K = tl.constexpr(13)
-_Q6_K = tl.constexpr(14)
-_BF16 = tl.constexpr(30)
+Q = gguf.GGMLQuantizationType
 
 # tl.dot on float32 tiles: three TF32 passes (~float32 accuracy on tensor cores); plain "tf32" keeps ~10 bits.
 DOT_PRECISION = tl.constexpr("tf32x3")
@@ -48,192 +56,6 @@ def block_elems(qtype: Q) -> int:
 def row_bytes(qtype: Q, k: int) -> int:
     bs, ts = gguf.GGML_QUANT_SIZES[qtype]
     return k // bs * ts
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# field readers
-
-
-@triton.jit
-def _u8(ptrs, mask):
-    return tl.load(ptrs, mask=mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def _f16(rows, off, mask):
-    """The f16 field at byte offset off[g] (even) of each row, as float32 [BLOCK_N, NG]."""
-    rows16 = rows.to(tl.pointer_type(tl.uint16))
-    bits = tl.load(rows16[:, None] + (off >> 1)[None, :], mask=mask, other=0)
-    return bits.to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _groups(rmask, k0, K, QK: tl.constexpr, TS: tl.constexpr, G: tl.constexpr, NG: tl.constexpr):
-    """Index vectors of the NG groups of G columns starting at column k0 (K is a whole number of blocks).
-
-    Returns blk [NG] (byte offset of each group's block in a row), j [NG] (index of the group inside its block),
-    i [NG, G] (position of each column inside its block) and gm [BLOCK_N, NG] (row in range and group below K;
-    groups never straddle K).
-    """
-    g = k0 + tl.arange(0, NG) * G
-    blk = (g // QK) * TS
-    j = (g % QK) // G
-    i = j[:, None] * G + tl.arange(0, G)[None, :]
-    gm = rmask[:, None] & (g < K)[None, :]
-    return blk, j, i, gm
-
-
-@triton.jit
-def _k_scale_min(rows, blk, j, gm):
-    """llama.cpp's get_scale_min_k4: the 6-bit (scale, min) of sub-block j [NG] from the 12 bytes at blk + 4."""
-    base = blk + 4 + (j & 3)
-    a = _u8(rows[:, None] + base[None, :], gm)  # byte j (j < 4) or j - 4
-    b = _u8(rows[:, None] + (base + 4)[None, :], gm)  # byte j + 4 (j < 4) or j
-    c = _u8(rows[:, None] + (base + 8)[None, :], gm)  # byte j + 4 (j >= 4)
-    hi = (j >= 4)[None, :]
-    sc = tl.where(hi, (c & 15) | ((a >> 6) << 4), a & 63)
-    mn = tl.where(hi, (c >> 4) | ((b >> 6) << 4), b & 63)
-    return sc.to(tl.float32), mn.to(tl.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# per-type tiles: [BLOCK_N, NG, G] float32
-
-
-@triton.jit
-def _tile_q8_0(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 32, 34, 32, BLOCK_K // 32)
-    d = _f16(rows, blk, gm)
-    q = tl.load(rows[:, None, None] + (blk[:, None] + 2 + i)[None], mask=gm[:, :, None], other=0)
-    return q.to(tl.int8, bitcast=True).to(tl.float32) * d[:, :, None]
-
-
-@triton.jit
-def _nibble32(rows, blk, i, gm, QS: tl.constexpr):
-    """4-bit value of element i of a 32-element block whose 16 nibble bytes start at byte QS: element i < 16 is the
-    low nibble of byte i, element i >= 16 the high nibble of byte i - 16."""
-    byte = _u8(rows[:, None, None] + (blk[:, None] + QS + (i & 15))[None], gm[:, :, None])
-    return (byte >> ((i >> 4) * 4)[None]) & 15
-
-
-@triton.jit
-def _tile_q4_0(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 32, 18, 32, BLOCK_K // 32)
-    d = _f16(rows, blk, gm)
-    q = _nibble32(rows, blk, i, gm, 2)
-    return d[:, :, None] * (q - 8).to(tl.float32)
-
-
-@triton.jit
-def _tile_q4_1(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 32, 20, 32, BLOCK_K // 32)
-    d = _f16(rows, blk, gm)
-    m = _f16(rows, blk + 2, gm)
-    q = _nibble32(rows, blk, i, gm, 4)
-    return d[:, :, None] * q.to(tl.float32) + m[:, :, None]
-
-
-@triton.jit
-def _tile_q5_0(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 32, 22, 32, BLOCK_K // 32)
-    d = _f16(rows, blk, gm)
-    # qh is a little-endian uint32 at byte 2 (not 4-aligned): bit i is byte 2 + i // 8, bit i % 8.
-    qh = _u8(rows[:, None, None] + (blk[:, None] + 2 + (i >> 3))[None], gm[:, :, None])
-    hi = (qh >> (i & 7)[None]) & 1
-    q = _nibble32(rows, blk, i, gm, 6) | (hi << 4)
-    return d[:, :, None] * (q - 16).to(tl.float32)
-
-
-@triton.jit
-def _tile_q5_1(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 32, 24, 32, BLOCK_K // 32)
-    d = _f16(rows, blk, gm)
-    m = _f16(rows, blk + 2, gm)
-    qh = _u8(rows[:, None, None] + (blk[:, None] + 4 + (i >> 3))[None], gm[:, :, None])
-    q = _nibble32(rows, blk, i, gm, 8) | (((qh >> (i & 7)[None]) & 1) << 4)
-    return d[:, :, None] * q.to(tl.float32) + m[:, :, None]
-
-
-@triton.jit
-def _tile_q4_k(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 256, 144, 32, BLOCK_K // 32)
-    sc, mn = _k_scale_min(rows, blk, j, gm)
-    dd = _f16(rows, blk, gm) * sc
-    dm = _f16(rows, blk + 2, gm) * mn
-    # 64-element chunk c = i // 64 uses qs[32c : 32c + 32]: low nibbles first, then high.
-    byte = _u8(rows[:, None, None] + (blk[:, None] + 16 + 32 * (i >> 6) + (i & 31))[None], gm[:, :, None])
-    q = (byte >> (((i >> 5) & 1) * 4)[None]) & 15
-    return dd[:, :, None] * q.to(tl.float32) - dm[:, :, None]
-
-
-@triton.jit
-def _tile_q5_k(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 256, 176, 32, BLOCK_K // 32)
-    sc, mn = _k_scale_min(rows, blk, j, gm)
-    dd = _f16(rows, blk, gm) * sc
-    dm = _f16(rows, blk + 2, gm) * mn
-    lo = _u8(rows[:, None, None] + (blk[:, None] + 48 + 32 * (i >> 6) + (i & 31))[None], gm[:, :, None])
-    lo = (lo >> (((i >> 5) & 1) * 4)[None]) & 15
-    # qh[l] (bytes 16..48) holds the 5th bit of item l of sub-block j in bit j.
-    hi = _u8(rows[:, None, None] + (blk[:, None] + 16 + (i & 31))[None], gm[:, :, None])
-    hi = (hi >> (i >> 5)[None]) & 1
-    return dd[:, :, None] * (lo | (hi << 4)).to(tl.float32) - dm[:, :, None]
-
-
-@triton.jit
-def _tile_q6_k(rows, rmask, k0, K, BLOCK_K: tl.constexpr):
-    blk, j, i, gm = _groups(rmask, k0, K, 256, 210, 16, BLOCK_K // 16)
-    sc = _u8(rows[:, None] + (blk + 192 + j)[None, :], gm).to(tl.int8).to(tl.float32)
-    dd = _f16(rows, blk + 208, gm) * sc
-    # Half h = i // 128 uses ql[64h : 64h + 64] (low nibbles for its first 64 items, high for the next 64) and
-    # qh[32h : 32h + 32] (2-bit fields at shifts 0, 2, 4, 6 for its four runs of 32 items).
-    h = i >> 7
-    lo = _u8(rows[:, None, None] + (blk[:, None] + 64 * h + (i & 63))[None], gm[:, :, None])
-    lo = (lo >> (((i >> 6) & 1) * 4)[None]) & 15
-    hi = _u8(rows[:, None, None] + (blk[:, None] + 128 + 32 * h + (i & 31))[None], gm[:, :, None])
-    hi = (hi >> (((i >> 5) & 3) * 2)[None]) & 3
-    return dd[:, :, None] * ((lo | (hi << 4)) - 32).to(tl.float32)
-
-
-@triton.jit
-def dequant_tile(rows, rmask, k0, K, QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weights [BLOCK_N, BLOCK_K] float32 at columns k0.. of the rows at `rows` (uint8 pointers [BLOCK_N]);
-    rows with rmask false and columns >= K read as 0. K is a multiple of QTYPE's block; BLOCK_K a power of two
-    and a multiple of the scale group (32; 16 for Q6_K; any for the float types), e.g. the whole block."""
-    if QTYPE == _F32:
-        kk = k0 + tl.arange(0, BLOCK_K)
-        ptrs = rows.to(tl.pointer_type(tl.float32))[:, None] + kk[None, :]
-        w = tl.load(ptrs, mask=rmask[:, None] & (kk < K)[None, :], other=0.0)
-    elif QTYPE == _F16:
-        kk = k0 + tl.arange(0, BLOCK_K)
-        ptrs = rows.to(tl.pointer_type(tl.uint16))[:, None] + kk[None, :]
-        bits = tl.load(ptrs, mask=rmask[:, None] & (kk < K)[None, :], other=0)
-        w = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    elif QTYPE == _BF16:
-        kk = k0 + tl.arange(0, BLOCK_K)
-        ptrs = rows.to(tl.pointer_type(tl.uint16))[:, None] + kk[None, :]
-        bits = tl.load(ptrs, mask=rmask[:, None] & (kk < K)[None, :], other=0)
-        w = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # bf16 is the top half of a float32
-    else:
-        if QTYPE == _Q8_0:
-            w3 = _tile_q8_0(rows, rmask, k0, K, BLOCK_K)
-        elif QTYPE == _Q4_0:
-            w3 = _tile_q4_0(rows, rmask, k0, K, BLOCK_K)
-        elif QTYPE == _Q4_1:
-            w3 = _tile_q4_1(rows, rmask, k0, K, BLOCK_K)
-        elif QTYPE == _Q5_0:
-            w3 = _tile_q5_0(rows, rmask, k0, K, BLOCK_K)
-        elif QTYPE == _Q5_1:
-            w3 = _tile_q5_1(rows, rmask, k0, K, BLOCK_K)
-        elif QTYPE == _Q4_K:
-            w3 = _tile_q4_k(rows, rmask, k0, K, BLOCK_K)
-        elif QTYPE == _Q5_K:
-            w3 = _tile_q5_k(rows, rmask, k0, K, BLOCK_K)
-        else:
-            tl.static_assert(QTYPE == _Q6_K, "unsupported GGUF type")
-            w3 = _tile_q6_k(rows, rmask, k0, K, BLOCK_K)
-        w = tl.reshape(w3, (BLOCK_N, BLOCK_K))
-    return w
 
 
 @triton.jit
@@ -270,8 +92,9 @@ def accumulate(acc, x, w, USE_DOT: tl.constexpr):
 # `gemv_tiles`); and all index vectors are 4-D from the start.
 #
 # Alignment: rows start at a multiple of gcd(16, block bytes) from a 16-byte aligned matrix (`aligned_rows` makes this
-# visible to the compiler), so Q4_K and Q5_K fields (144- and 176-byte blocks) load 16 bytes per instruction, Q4_1 4,
-# and the 2-byte aligned blocks (Q8_0 34, Q4_0 18, Q5_0 22, Q6_K 210 bytes) 2 bytes per instruction: a wider load of
+# visible to the compiler), so Q4_K and Q5_K fields (144- and 176-byte blocks) load 16 bytes per instruction, Q5_1
+# and IQ4_XS 8, Q4_1 and Q2_K 4, and the 2-byte aligned blocks (Q8_0 34, Q4_0 and IQ4_NL 18, Q5_0 22, Q3_K 110, Q6_K
+# 210 bytes) 2 bytes per instruction: a wider load of
 # a block at an odd multiple of 2 is not allowed. (Loading a group of such blocks as one aligned byte range does not
 # help here: splitting it into blocks needs a gather across threads, and x would then be read at unaligned offsets.)
 
@@ -280,47 +103,11 @@ def accumulate(acc, x, w, USE_DOT: tl.constexpr):
 def aligned_rows(base, rn, row_bytes, QTYPE: tl.constexpr):
     """uint8 pointers [BLOCK_N] to rows rn of a matrix at `base` with rows of row_bytes, written so that the compiler
     knows each row is as aligned as `base` up to gcd(16, block bytes), which divides every row stride of the type."""
-    A: tl.constexpr = (
-        16 if QTYPE == _Q4_K or QTYPE == _Q5_K else 8 if QTYPE == _Q5_1 else 4 if QTYPE == _Q4_1 or QTYPE == _F32 else 2
-    )
+    A16: tl.constexpr = QTYPE == T_Q4_K or QTYPE == T_Q5_K
+    A8: tl.constexpr = QTYPE == T_Q5_1 or QTYPE == T_IQ4_XS
+    A4: tl.constexpr = QTYPE == T_Q4_1 or QTYPE == T_Q2_K or QTYPE == T_F32
+    A: tl.constexpr = 16 if A16 else 8 if A8 else 4 if A4 else 2
     return base + rn.to(tl.int64) * (row_bytes // A) * A
-
-
-@triton.jit
-def _exact(q, bias: tl.constexpr):
-    """float32(q - bias) for int32 0 <= q < 2^23, exactly, without an int-to-float conversion."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
-
-
-@triton.jit
-def _ld(ptrs, mask, MASKED: tl.constexpr):
-    """Weight bytes at ptrs, 0 where mask is false when MASKED (a tail step; unmasked loads need no zeroing or
-    predicates). First out of L1: weights are used once (a 2-byte aligned field takes several loads per cache line,
-    so they still go through L1), while x, which every program reads, should stay there."""
-    if MASKED:
-        v = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first")
-    else:
-        v = tl.load(ptrs, eviction_policy="evict_first")
-    return v
-
-
-@triton.jit
-def _field(blocks, bmask, roff, L: tl.constexpr, MASKED: tl.constexpr):
-    """int32 [BLOCK_N, NB, R, L]: bytes roff[r] + l (roff [R] int32) of each block (uint8 pointers [BLOCK_N, NB, 1, 1]),
-    0 for blocks past the end (bmask [1, NB, 1, 1]). Contiguous along l: one run of L bytes per row, block and r."""
-    return _ld(blocks + roff[None, None, :, None] + tl.arange(0, L)[None, None, None, :], bmask, MASKED).to(tl.int32)
-
-
-@triton.jit
-def _u16s(blocks, bmask, OFF: tl.constexpr, MASKED: tl.constexpr):
-    """int32 [BLOCK_N, NB, 1, 1]: the uint16 at byte OFF (even) of each block."""
-    return _ld((blocks + OFF).to(tl.pointer_type(tl.uint16)), bmask, MASKED).to(tl.int32)
-
-
-@triton.jit
-def _half(bits):
-    """float32 of the f16 in the low 16 bits of int32 `bits`."""
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -397,36 +184,6 @@ def _acc_out(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _k_scales(blocks, bmask, r, MASKED: tl.constexpr):
-    """Q4_K/Q5_K: (d * scale, dmin * min) [BLOCK_N, NB, R, 1] float32 of sub-blocks 2r (low nibbles of chunk r) and
-    2r + 1 (high nibbles), llama.cpp's get_scale_min_k4, from the block's first 16 bytes (16-byte aligned) loaded as
-    four little-endian words: d and dmin, then the 12 scale bytes."""
-    head = _ld(blocks.to(tl.pointer_type(tl.uint32)) + tl.arange(0, 4)[None, None, None, :], bmask, MASKED)
-    even, odd = tl.split(tl.reshape(head, (head.shape[0], head.shape[1], 2, 2)))  # [BLOCK_N, NB, 2]
-    w0, w2 = tl.split(even)
-    w1, w3 = tl.split(odd)
-    d = _half(w0 & 0xFFFF)[:, :, None, None]
-    dmin = _half(w0 >> 16)[:, :, None, None]
-    sc_lo, mn_lo = _k_scale_min6(w1, w2, w3, 2 * r)
-    sc_hi, mn_hi = _k_scale_min6(w1, w2, w3, 2 * r + 1)
-    return d * sc_lo, dmin * mn_lo, d * sc_hi, dmin * mn_hi
-
-
-@triton.jit
-def _k_scale_min6(w1, w2, w3, j):
-    """float32 (scale, min) [BLOCK_N, NB, R, 1] of sub-blocks j [R] from scale bytes 0..3, 4..7 and 8..11 (w1, w2,
-    w3: little-endian words [BLOCK_N, NB])."""
-    sh = ((j & 3) * 8)[None, None, :]
-    a = (w1[:, :, None] >> sh) & 255  # byte j (j < 4), else byte j - 4
-    b = (w2[:, :, None] >> sh) & 255  # byte 4 + j, else j
-    c = (w3[:, :, None] >> sh) & 255  # byte 8 + j - 4 (j >= 4)
-    hi = (j >= 4)[None, None, :]
-    sc = tl.where(hi, (c & 15) | ((a >> 6) << 4), a & 63).to(tl.float32)[:, :, :, None]
-    mn = tl.where(hi, (c >> 4) | ((b >> 6) << 4), b & 63).to(tl.float32)[:, :, :, None]
-    return sc, mn
-
-
-@triton.jit
 def gemv(x_row, stride_xm, m_left, rows, K, QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
          BLOCK_K: tl.constexpr):  # fmt: skip
     """float32 [BLOCK_M, BLOCK_N]: rows i < min(BLOCK_M, m_left) of x (x_row + i * stride_xm, K values; m_left >= 1)
@@ -434,17 +191,25 @@ def gemv(x_row, stride_xm, m_left, rows, K, QTYPE: tl.constexpr, BLOCK_M: tl.con
     over K columns (a whole number of QTYPE's blocks), in steps of BLOCK_K columns (a power of two and a multiple of
     the type's block): unmasked steps, then one masked step for the rest of K if any."""
     # QK columns in TS bytes per block; the tile of a step is [BLOCK_N, NB, R, L]
-    FLOAT: tl.constexpr = QTYPE == _F32 or QTYPE == _F16 or QTYPE == _BF16
-    B32: tl.constexpr = QTYPE == _Q8_0 or QTYPE == _Q4_0 or QTYPE == _Q4_1 or QTYPE == _Q5_0 or QTYPE == _Q5_1
-    tl.static_assert(FLOAT or B32 or QTYPE == _Q4_K or QTYPE == _Q5_K or QTYPE == _Q6_K, "unsupported GGUF type")
+    FLOAT: tl.constexpr = QTYPE == T_F32 or QTYPE == T_F16 or QTYPE == T_BF16
+    B32: tl.constexpr = (
+        QTYPE == T_Q8_0 or QTYPE == T_Q4_0 or QTYPE == T_Q4_1 or QTYPE == T_Q5_0 or QTYPE == T_Q5_1 or QTYPE == T_IQ4_NL
+    )
+    B256: tl.constexpr = (
+        QTYPE == T_Q2_K or QTYPE == T_Q3_K or QTYPE == T_Q4_K or QTYPE == T_Q5_K or QTYPE == T_Q6_K or QTYPE == T_IQ4_XS
+    )
+    tl.static_assert(FLOAT or B32 or B256, "unsupported GGUF type")
     QK: tl.constexpr = 1 if FLOAT else 32 if B32 else 256
     TS32: tl.constexpr = (
-        34 if QTYPE == _Q8_0 else 18 if QTYPE == _Q4_0 else 20 if QTYPE == _Q4_1 else 22 if QTYPE == _Q5_0 else 24
-    )
-    TS256: tl.constexpr = 144 if QTYPE == _Q4_K else 176 if QTYPE == _Q5_K else 210
-    TS: tl.constexpr = (4 if QTYPE == _F32 else 2) if FLOAT else TS32 if B32 else TS256
-    R: tl.constexpr = 4 if QK == 256 else 1
-    L: tl.constexpr = BLOCK_K if FLOAT else 32 if QTYPE == _Q8_0 or QTYPE == _Q4_K or QTYPE == _Q5_K else 16
+        34 if QTYPE == T_Q8_0 else 20 if QTYPE == T_Q4_1 else 22 if QTYPE == T_Q5_0 else 24 if QTYPE == T_Q5_1 else 18
+    )  # 18: Q4_0, IQ4_NL
+    TS256: tl.constexpr = (
+        84 if QTYPE == T_Q2_K else 110 if QTYPE == T_Q3_K else 144 if QTYPE == T_Q4_K else 176 if QTYPE == T_Q5_K
+        else 136 if QTYPE == T_IQ4_XS else 210
+    )  # fmt: skip
+    TS: tl.constexpr = (4 if QTYPE == T_F32 else 2) if FLOAT else TS32 if B32 else TS256
+    R: tl.constexpr = 8 if QTYPE == T_IQ4_XS else 4 if QK == 256 else 1
+    L: tl.constexpr = BLOCK_K if FLOAT else 32 if QTYPE == T_Q8_0 or QTYPE == T_Q4_K or QTYPE == T_Q5_K else 16
     NB: tl.constexpr = 1 if QK == 1 else BLOCK_K // QK
     nsteps = K // BLOCK_K  # whole steps (K is a whole number of blocks)
     acc = _acc_zeros(BLOCK_M, BLOCK_N, NB, R, L)
@@ -467,11 +232,11 @@ def _gemv_step(acc, x_row, stride_xm, m_left, rows, K, k0, QTYPE: tl.constexpr, 
     if QK == 1:
         kk = (k0 + tl.arange(0, BLOCK_K))[None, None, None, :]
         kmask = kk < K
-        if QTYPE == _F32:
-            w = _ld(rows4.to(tl.pointer_type(tl.float32)) + kk, kmask, MASKED)
+        if QTYPE == T_F32:
+            w = ld(rows4.to(tl.pointer_type(tl.float32)) + kk, kmask, MASKED)
         else:
-            bits = _ld(rows4.to(tl.pointer_type(tl.uint16)) + kk, kmask, MASKED)
-            if QTYPE == _F16:
+            bits = ld(rows4.to(tl.pointer_type(tl.uint16)) + kk, kmask, MASKED)
+            if QTYPE == T_F16:
                 w = bits.to(tl.float16, bitcast=True).to(tl.float32)
             else:
                 w = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)  # bf16: the top half of a float32
@@ -484,73 +249,114 @@ def _gemv_step(acc, x_row, stride_xm, m_left, rows, K, k0, QTYPE: tl.constexpr, 
         blocks = rows4 + blk * TS  # [BLOCK_N, NB, 1, 1]: each block's first byte
         # col + offset of run r: the x columns met by a [BLOCK_N, NB, R, L] weight tile
         col = blk * QK + tl.arange(0, L)[None, None, None, :] + zero_rows
-        if QTYPE == _Q8_0:
-            q = _exact(_field(blocks, bm, 2 + r, 32, MASKED) ^ 0x80, 128.0)  # int8: (q + 128) - 128
-            w = _half(_u16s(blocks, bm, 0, MASKED)) * q
+        if QTYPE == T_Q8_0:
+            q = exact(field(blocks, bm, 2 + r, 32, MASKED) ^ 0x80, 128.0)  # int8: (q + 128) - 128
+            w = half(u16s(blocks, bm, 0, MASKED)) * q
             acc = _mac(acc, w, x_row, stride_xm, m_left, col + r4, bm, BLOCK_M, MASKED)
-        elif QTYPE == _Q4_K or QTYPE == _Q5_K:
+        elif QTYPE == T_Q4_K or QTYPE == T_Q5_K:
             # Chunk r (64 columns) uses qs[32r : 32r + 32]: low nibbles are columns 64r + l (sub-block 2r), high
             # nibbles 64r + 32 + l (sub-block 2r + 1). Q5_K: the 5th bit of column l of sub-block j is bit j of qh[l]
             # (qh loaded once per chunk: the same 32 bytes four times, from the cache).
-            dd_lo, dm_lo, dd_hi, dm_hi = _k_scales(blocks, bm, r, MASKED)
-            if QTYPE == _Q4_K:
-                qs = _field(blocks, bm, 16 + 32 * r, 32, MASKED)
+            dd_lo, dm_lo, dd_hi, dm_hi = k_scales(blocks, bm, r, MASKED)
+            if QTYPE == T_Q4_K:
+                qs = field(blocks, bm, 16 + 32 * r, 32, MASKED)
                 lo = qs & 15
                 hi = qs & 0xF0
             else:
-                qs = _field(blocks, bm, 48 + 32 * r, 32, MASKED)
-                qh = _field(blocks, bm, 16 + 0 * r, 32, MASKED) >> (2 * r4)
+                qs = field(blocks, bm, 48 + 32 * r, 32, MASKED)
+                qh = field(blocks, bm, 16 + 0 * r, 32, MASKED) >> (2 * r4)
                 lo = (qs & 15) | ((qh & 1) << 4)
                 hi = (qs & 0xF0) | ((qh & 2) << 7)
-            w = dd_lo * _exact(lo, 0.0) - dm_lo
+            w = dd_lo * exact(lo, 0.0) - dm_lo
             acc = _mac(acc, w, x_row, stride_xm, m_left, col + 64 * r4, bm, BLOCK_M, MASKED)
-            w = (dd_hi * 0.0625) * _exact(hi, 0.0) - dm_hi
+            w = (dd_hi * 0.0625) * exact(hi, 0.0) - dm_hi
             acc = _mac(acc, w, x_row, stride_xm, m_left, col + 64 * r4 + 32, bm, BLOCK_M, MASKED)
-        elif QTYPE == _Q6_K:
+        elif QTYPE == T_Q6_K:
             # Run r = 2h + t (h: which 128 columns, t: which 16 of 32): for s in 0, 1, ql byte 64h + 32s + 16t + l
             # holds column 128h + 32s + 16t + l (low nibble, scale 8h + 2s + t) and column 64 more (high nibble,
             # scale 4 more); qh byte 128 + 32h + 16t + l their top two bits, at shifts 2s and 4 + 2s.
-            d = _half(_u16s(blocks, bm, 208, MASKED))
-            qh = _field(blocks, bm, 128 + 16 * r, 16, MASKED)
+            d = half(u16s(blocks, bm, 208, MASKED))
+            qh = field(blocks, bm, 128 + 16 * r, 16, MASKED)
             run = 64 * (r >> 1) + 16 * (r & 1)
             for s in tl.static_range(2):
-                ql = _field(blocks, bm, run + 32 * s, 16, MASKED)
+                ql = field(blocks, bm, run + 32 * s, 16, MASKED)
                 qh_s = qh << (4 - 2 * s)  # the low nibble's two bits at 4..5, the high nibble's at 8..9
                 for nib in tl.static_range(2):
                     g = 192 + 8 * (r4 >> 1) + (r4 & 1) + 2 * s + 4 * nib  # scale byte of each run
-                    sc = _ld(blocks + g, bm, MASKED).to(tl.int8, bitcast=True).to(tl.float32)
+                    sc = ld(blocks + g, bm, MASKED).to(tl.int8, bitcast=True).to(tl.float32)
                     if nib == 0:
-                        w = (d * sc) * _exact((ql & 15) | (qh_s & 0x30), 32.0)
+                        w = (d * sc) * exact((ql & 15) | (qh_s & 0x30), 32.0)
                     else:
-                        w = (d * sc * 0.0625) * _exact((ql & 0xF0) | (qh_s & 0x300), 512.0)
+                        w = (d * sc * 0.0625) * exact((ql & 0xF0) | (qh_s & 0x300), 512.0)
                     xo = 128 * (r4 >> 1) + 16 * (r4 & 1) + 32 * s + 64 * nib
                     acc = _mac(acc, w, x_row, stride_xm, m_left, col + xo, bm, BLOCK_M, MASKED)
+        elif QTYPE == T_Q2_K or QTYPE == T_Q3_K:
+            # Run r = 2h + t (h: which 128 columns, t: which 16 of 32): byte l of the run's 16 qs bytes holds at shift
+            # 2s the low two bits of column 128h + 32s + 16t + l, whose scale is number j = 8h + 2s + t.
+            if QTYPE == T_Q2_K:
+                # qs from byte 16; scale byte j: the scale in its low nibble, the min in its high one
+                qs = field(blocks, bm, 16 + 16 * r, 16, MASKED)
+                d = half(u16s(blocks, bm, 80, MASKED))
+                dmin = half(u16s(blocks, bm, 82, MASKED))
+            else:
+                # qs from byte 32; the third bit is bit 4h + s of hmask byte 16t + l (set: q, clear: q - 4)
+                qs = field(blocks, bm, 32 + 16 * r, 16, MASKED)
+                hm = field(blocks, bm, 16 * (r & 1), 16, MASKED) >> (4 * (r4 >> 1))
+                d = half(u16s(blocks, bm, 108, MASKED))
+            for s in tl.static_range(4):
+                j = 8 * (r4 >> 1) + (r4 & 1) + 2 * s  # [1, 1, R, 1]
+                q = (qs >> (2 * s)) & 3
+                if QTYPE == T_Q2_K:
+                    sc = ld(blocks + j, bm, MASKED).to(tl.int32)
+                    w = (d * exact(sc & 15, 0.0)) * exact(q, 0.0) - dmin * exact(sc >> 4, 0.0)
+                else:
+                    # the 6-bit scale j: low four bits of byte 96 + j % 8 at shift 4 * (j // 8), top two of byte
+                    # 104 + j % 4 at shift 2 * (j // 4); minus 32
+                    lo = ld(blocks + 96 + (j & 7), bm, MASKED).to(tl.int32) >> (4 * (j >> 3))
+                    hi = ld(blocks + 104 + (j & 3), bm, MASKED).to(tl.int32) >> (2 * (j >> 2))
+                    w = (d * exact((lo & 15) | ((hi & 3) << 4), 32.0)) * exact(q | (((hm >> s) & 1) << 2), 4.0)
+                xo = 128 * (r4 >> 1) + 16 * (r4 & 1) + 32 * s
+                acc = _mac(acc, w, x_row, stride_xm, m_left, col + xo, bm, BLOCK_M, MASKED)
+        elif QTYPE == T_IQ4_XS:
+            # Run r = sub-block r (32 columns): qs bytes 8 + 16r + l hold columns 32r + l (low nibble) and 32r + 16 + l
+            # (high). Its 6-bit scale: low four bits at bit 4r of the little-endian word at byte 4 (scales_l: byte
+            # r // 2, shift 4 * (r % 2)), top two at bit 2r of the uint16 at byte 2; minus 32.
+            lo = ld((blocks + 4).to(tl.pointer_type(tl.uint32)), bm, MASKED).to(tl.int32, bitcast=True) >> (4 * r4)
+            hi = u16s(blocks, bm, 2, MASKED) >> (2 * r4)
+            dl = half(u16s(blocks, bm, 0, MASKED)) * exact((lo & 15) | ((hi & 3) << 4), 32.0)
+            qs = field(blocks, bm, 8 + 16 * r, 16, MASKED)
+            acc = _mac(acc, dl * iq4(qs & 15), x_row, stride_xm, m_left, col + 32 * r4, bm, BLOCK_M, MASKED)
+            acc = _mac(acc, dl * iq4(qs >> 4), x_row, stride_xm, m_left, col + 32 * r4 + 16, bm, BLOCK_M, MASKED)
         else:
             # 32-column blocks of nibbles: qs byte l holds column l (low nibble) and 16 + l (high).
-            d = _half(_u16s(blocks, bm, 0, MASKED))
-            if QTYPE == _Q4_0:
-                qs = _field(blocks, bm, 2 + r, 16, MASKED)
-                w_lo = d * _exact(qs & 15, 8.0)
-                w_hi = (d * 0.0625) * _exact(qs & 0xF0, 128.0)
-            elif QTYPE == _Q4_1:
-                m = _half(_u16s(blocks, bm, 2, MASKED))
-                qs = _field(blocks, bm, 4 + r, 16, MASKED)
-                w_lo = d * _exact(qs & 15, 0.0) + m
-                w_hi = (d * 0.0625) * _exact(qs & 0xF0, 0.0) + m
-            elif QTYPE == _Q5_1:
+            d = half(u16s(blocks, bm, 0, MASKED))
+            if QTYPE == T_Q4_0:
+                qs = field(blocks, bm, 2 + r, 16, MASKED)
+                w_lo = d * exact(qs & 15, 8.0)
+                w_hi = (d * 0.0625) * exact(qs & 0xF0, 128.0)
+            elif QTYPE == T_Q4_1:
+                m = half(u16s(blocks, bm, 2, MASKED))
+                qs = field(blocks, bm, 4 + r, 16, MASKED)
+                w_lo = d * exact(qs & 15, 0.0) + m
+                w_hi = (d * 0.0625) * exact(qs & 0xF0, 0.0) + m
+            elif QTYPE == T_IQ4_NL:
+                qs = field(blocks, bm, 2 + r, 16, MASKED)
+                w_lo = d * iq4(qs & 15)
+                w_hi = d * iq4(qs >> 4)
+            elif QTYPE == T_Q5_1:
                 # d, m, then qh (the little-endian uint32 at byte 4, bit i the 5th bit of column i), then qs
-                m = _half(_u16s(blocks, bm, 2, MASKED))
+                m = half(u16s(blocks, bm, 2, MASKED))
                 sh = tl.arange(0, 16)[None, None, None, :]
-                qs = _field(blocks, bm, 8 + r, 16, MASKED)
-                w_lo = d * _exact((qs & 15) | (((_u16s(blocks, bm, 4, MASKED) >> sh) & 1) << 4), 0.0) + m
-                w_hi = (d * 0.0625) * _exact((qs & 0xF0) | (((_u16s(blocks, bm, 6, MASKED) >> sh) & 1) << 8), 0.0) + m
+                qs = field(blocks, bm, 8 + r, 16, MASKED)
+                w_lo = d * exact((qs & 15) | (((u16s(blocks, bm, 4, MASKED) >> sh) & 1) << 4), 0.0) + m
+                w_hi = (d * 0.0625) * exact((qs & 0xF0) | (((u16s(blocks, bm, 6, MASKED) >> sh) & 1) << 8), 0.0) + m
             else:
-                tl.static_assert(QTYPE == _Q5_0, "unsupported GGUF type")
+                tl.static_assert(QTYPE == T_Q5_0, "unsupported GGUF type")
                 # qh: the little-endian uint32 at byte 2 (2-byte aligned: two halves), bit i the 5th bit of column i.
                 sh = tl.arange(0, 16)[None, None, None, :]
-                qs = _field(blocks, bm, 6 + r, 16, MASKED)
-                w_lo = d * _exact((qs & 15) | (((_u16s(blocks, bm, 2, MASKED) >> sh) & 1) << 4), 16.0)
-                w_hi = (d * 0.0625) * _exact((qs & 0xF0) | (((_u16s(blocks, bm, 4, MASKED) >> sh) & 1) << 8), 256.0)
+                qs = field(blocks, bm, 6 + r, 16, MASKED)
+                w_lo = d * exact((qs & 15) | (((u16s(blocks, bm, 2, MASKED) >> sh) & 1) << 4), 16.0)
+                w_hi = (d * 0.0625) * exact((qs & 0xF0) | (((u16s(blocks, bm, 4, MASKED) >> sh) & 1) << 8), 256.0)
             acc = _mac(acc, w_lo, x_row, stride_xm, m_left, col + r4, bm, BLOCK_M, MASKED)
             acc = _mac(acc, w_hi, x_row, stride_xm, m_left, col + 16 + r4, bm, BLOCK_M, MASKED)
     return acc

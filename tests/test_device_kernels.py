@@ -1,7 +1,7 @@
 """quant.device_kernels: Triton kernels on raw GGUF blocks.
 
-Without a GPU they run in triton's CPU interpreter (TRITON_INTERPRET=1) on fresh random data against the torch
-dequantizers (quant.formats, bit-identical to gguf.quants), both with the interpreter's large tiles and with the
+Without a GPU they run in triton's CPU interpreter (TRITON_INTERPRET=1) on fresh random data against
+gguf.quants.dequantize of the same bytes and a float64 matmul, both with the interpreter's large tiles and with the
 exact tile sizes a GPU would run; and every kernel variant is compiled ahead of time for an H100 (sm_90), so a
 compile error shows up here rather than on a user's machine.
 
@@ -33,8 +33,14 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("the device kernels are written in Triton, which is not installed", allow_module_level=True)
 
 Q = gguf.GGMLQuantizationType
-F16_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
-K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
+F16_FIELDS = {
+    Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+    Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.IQ4_NL: [0], Q.IQ4_XS: [0],
+}  # fmt: skip
+# types whose test weights are random blocks: those quant.formats cannot write (gguf.quants quantizes none of them)
+RANDOM_BLOCKS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS)
+# device types whose CPU side (quant.formats) is added separately: the oracle is gguf.quants either way
+DEVICE_ONLY = (Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS)
 TOL = 1e-4  # of max |reference|: float32 accumulation in another order
 
 
@@ -88,9 +94,10 @@ def run(pool: ProcessPoolExecutor, check: Callable, *args) -> None:
 
 
 def random_raw(qtype: Q, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """GGUF bytes of an n x k weight: quantized random normals where gguf can quantize the type; for the K-quants,
-    random blocks (every bit random) with f16 scale fields of real files' size (|w| up to ~0.3)."""
-    if qtype not in K_QUANTS:
+    """GGUF bytes of an n x k weight: quantized random normals for the types quant.formats writes directly; for the
+    K-quants and IQ4 types, random blocks (every bit random) with f16 scale fields of real files' size (|w| up to ~0.3
+    for Q4_K)."""
+    if qtype not in RANDOM_BLOCKS:
         w = (torch.randn(n, k, generator=gen) * 0.1).numpy()
         if qtype in formats.WRITE_TYPES:
             raw = formats.quantize(w, qtype)
@@ -103,6 +110,12 @@ def random_raw(qtype: Q, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
         scale = (torch.rand(blocks.shape[0], 1, generator=gen) * 1.5e-4 + 1e-5).half()
         blocks[:, off : off + 2] = scale.view(torch.uint8)
     return blocks.reshape(-1)
+
+
+def dequantize(raw: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> torch.Tensor:
+    """The oracle: gguf.quants.dequantize of the same bytes, as float64."""
+    w = gguf.quants.dequantize(raw.numpy(), qtype)
+    return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64).reshape(shape))
 
 
 def assert_close(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -118,14 +131,14 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 
 def test_supported_types_are_the_readable_ones() -> None:
-    assert set(SUPPORTED_QTYPES) == set(formats.READ_TYPES)
+    assert set(SUPPORTED_QTYPES) == set(formats.READ_TYPES) | set(DEVICE_ONLY)
     for qtype in SUPPORTED_QTYPES:
         check_supported(qtype, "w")
 
 
 def test_check_supported_names_tensor_and_type() -> None:
-    with pytest.raises(LiteError, match=r"tensor blk\.3\.ffn_down\.weight has type Q2_K"):
-        check_supported(Q.Q2_K, "blk.3.ffn_down.weight")
+    with pytest.raises(LiteError, match=r"tensor blk\.3\.ffn_down\.weight has type TQ2_0"):
+        check_supported(Q.TQ2_0, "blk.3.ffn_down.weight")
 
 
 def test_expert_spec_packed_offsets() -> None:
@@ -143,8 +156,8 @@ def test_bad_arguments_are_refused_before_any_kernel() -> None:
         gguf_matmul(torch.zeros(1, 32), raw[:-1], Q.Q8_0, 4, 32)
     with pytest.raises(ValueError, match="not a multiple"):
         gguf_matmul(torch.zeros(1, 48), raw, Q.Q8_0, 4, 48)
-    with pytest.raises(LiteError, match="Q2_K"):
-        gguf_matmul(torch.zeros(1, 256), raw, Q.Q2_K, 1, 256)
+    with pytest.raises(LiteError, match="TQ2_0"):
+        gguf_matmul(torch.zeros(1, 256), raw, Q.TQ2_0, 1, 256)
     spec = ExpertSpec.packed(Q.Q4_K, Q.Q4_K, Q.Q6_K, 256, 128)  # down rows of 128: not whole Q6_K blocks
     with pytest.raises(ValueError, match="expert down"):
         moe_ffn(torch.zeros(1, 256), torch.zeros(2, 4096, dtype=torch.uint8), torch.zeros(1, 1), torch.ones(1, 1), spec)
@@ -160,10 +173,10 @@ def check_matmul(qtype: Q, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     n, k = 48, 512  # 48: a partial tile for every tile size used
     raw = random_raw(qtype, n, k, gen)
-    w = formats.dequantize(raw, qtype, (n, k))
+    w = dequantize(raw, qtype, (n, k))
     for m in (1, 5, 64):
         x = torch.randn(m, k, generator=gen)
-        ref = x @ w.T
+        ref = x.double() @ w.T
         assert_close(gguf_matmul(x, raw, qtype, n, k), ref, f"M={m}")
         # The exact tile sizes of a GPU (GEMV with BLOCK_K = the type's block; GEMM with BLOCK_K = 32).
         assert_close(triton_blocks.matmul(x, raw, qtype, n, k, interpreter_tiles=False), ref, f"M={m}, GPU tiles")
@@ -171,7 +184,7 @@ def check_matmul(qtype: Q, seed: int) -> None:
         x = torch.randn(5, k, generator=gen).to(dtype)
         y = gguf_matmul(x, raw, qtype, n, k)
         assert y.dtype == dtype
-        assert_close(y, x.float() @ w.T, f"M=5 {dtype}")
+        assert_close(y, x.double() @ w.T, f"M=5 {dtype}")
 
 
 def check_matmul_partial_k_tile(seed: int) -> None:
@@ -181,11 +194,12 @@ def check_matmul_partial_k_tile(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     n, k = 20, 1408
     raw = random_raw(Q.Q5_0, n, k, gen)
-    w = formats.dequantize(raw, Q.Q5_0, (n, k))
+    w = dequantize(raw, Q.Q5_0, (n, k))
     for m in (1, 3, 24):
         x = torch.randn(m, k, generator=gen)
-        assert_close(gguf_matmul(x, raw, Q.Q5_0, n, k), x @ w.T, f"M={m}")
-        assert_close(triton_blocks.matmul(x, raw, Q.Q5_0, n, k, interpreter_tiles=False), x @ w.T, f"M={m}, GPU")
+        ref = x.double() @ w.T
+        assert_close(gguf_matmul(x, raw, Q.Q5_0, n, k), ref, f"M={m}")
+        assert_close(triton_blocks.matmul(x, raw, Q.Q5_0, n, k, interpreter_tiles=False), ref, f"M={m}, GPU")
 
 
 def gemv_with_tiles(x: torch.Tensor, raw: torch.Tensor, qtype: Q, n: int, k: int, bn: int, bk: int) -> torch.Tensor:
@@ -212,15 +226,17 @@ def check_gemv_partial_tiles(qtype: Q, seed: int) -> None:
     qk = gguf.GGML_QUANT_SIZES[qtype][0]
     n, k, bk = (20, 768, 512) if qk == 256 else (20, 352, 128) if qk == 32 else (20, 100, 64)
     raw = random_raw(qtype, n, k, gen)
-    w = formats.dequantize(raw, qtype, (n, k))
+    w = dequantize(raw, qtype, (n, k))
     for m in (1, 2, 3):
         x = torch.randn(m, k, generator=gen)
-        assert_close(gemv_with_tiles(x, raw, qtype, n, k, 8, bk), x @ w.T, f"M={m}")
+        assert_close(gemv_with_tiles(x, raw, qtype, n, k, 8, bk), x.double() @ w.T, f"M={m}")
 
 
 # bytes of each block holding 4-bit fields, low nibble of byte i and high nibble of byte i being different columns
+# (Q2_K, Q3_K: 2-bit fields, the swap exchanging those at shifts 0, 2 with those at 4, 6)
 NIBBLE_BYTES = {
-    Q.Q4_0: (2, 18), Q.Q4_1: (4, 20), Q.Q5_0: (6, 22), Q.Q4_K: (16, 144), Q.Q5_K: (48, 176), Q.Q6_K: (0, 128),
+    Q.Q4_0: (2, 18), Q.Q4_1: (4, 20), Q.Q5_0: (6, 22), Q.Q5_1: (8, 24), Q.Q2_K: (16, 80), Q.Q3_K: (32, 96),
+    Q.Q4_K: (16, 144), Q.Q5_K: (48, 176), Q.Q6_K: (0, 128), Q.IQ4_NL: (2, 18), Q.IQ4_XS: (8, 136),
 }  # fmt: skip
 
 
@@ -232,7 +248,7 @@ def check_swapped_nibbles_fail(qtype: Q, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     n, k = 48, 512
     raw = random_raw(qtype, n, k, gen)
-    w = formats.dequantize(raw, qtype, (n, k))
+    w = dequantize(raw, qtype, (n, k))
     ts = gguf.GGML_QUANT_SIZES[qtype][1]
     a, b = NIBBLE_BYTES[qtype]
     swapped = raw.clone().reshape(-1, ts)
@@ -240,7 +256,7 @@ def check_swapped_nibbles_fail(qtype: Q, seed: int) -> None:
     x = torch.randn(1, k, generator=gen)
     y = triton_blocks.matmul(x, swapped.reshape(-1), qtype, n, k, interpreter_tiles=False)
     with pytest.raises(AssertionError):
-        assert_close(y, x @ w.T, "swapped nibbles")
+        assert_close(y, x.double() @ w.T, "swapped nibbles")
 
 
 @pytest.mark.parametrize("qtype", SUPPORTED_QTYPES, ids=lambda t: t.name)
@@ -286,14 +302,14 @@ def make_pool(spec: ExpertSpec, n_slots: int, gen: torch.Generator) -> torch.Ten
 
 
 def moe_reference(x, pool, slots, weights, spec: ExpertSpec) -> torch.Tensor:
-    """Each expert dequantized, SwiGLU, weighted, the k terms summed in column order; float32."""
+    """Each expert dequantized, SwiGLU, weighted, the k terms summed in column order; float64."""
     experts = {
-        s: [formats.dequantize(pool[s, o : o + formats.nbytes(sh, q)], q, sh) for o, q, sh in mats(spec)]
+        s: [dequantize(pool[s, o : o + formats.nbytes(sh, q)], q, sh) for o, q, sh in mats(spec)]
         for s in slots.unique().tolist()
     }
-    out = torch.zeros(x.shape[0], spec.hidden)
+    out = torch.zeros(x.shape[0], spec.hidden, dtype=torch.float64)
     for t in range(x.shape[0]):
-        xt = x[t].float()
+        xt = x[t].double()
         for j in range(slots.shape[1]):
             gate, up, down = experts[int(slots[t, j])]
             out[t] = out[t] + weights[t, j] * (down @ (F.silu(gate @ xt) * (up @ xt)))
@@ -322,6 +338,9 @@ MOE_CASES = [
     ((Q.F32, Q.F32, Q.F32), 64, 48, 37, 2, torch.float32, torch.int64),
     ((Q.Q5_K, Q.Q4_K, Q.Q8_0), 256, 160, 37, 6, torch.float16, torch.int32),
     ((Q.Q4_1, Q.BF16, Q.F16), 64, 32, 5, 3, torch.float32, torch.int64),
+    ((Q.Q2_K, Q.Q3_K, Q.IQ4_XS), 256, 256, 1, 3, torch.float32, torch.int32),
+    ((Q.IQ4_XS, Q.IQ4_NL, Q.Q2_K), 256, 256, 37, 3, torch.bfloat16, torch.int64),
+    ((Q.Q5_1, Q.IQ4_NL, Q.Q3_K), 256, 256, 5, 2, torch.float16, torch.int32),
 ]
 
 
@@ -471,10 +490,11 @@ def check_on_cuda(seed: int) -> None:
     for q in SUPPORTED_QTYPES:
         n, k = 48, 512
         raw = random_raw(q, n, k, gen)
-        w = formats.dequantize(raw, q, (n, k))
+        w = dequantize(raw, q, (n, k))
         for m in (1, 5, 64):
             x = torch.randn(m, k, generator=gen)
-            assert_close(gguf_matmul(x.cuda(), raw.cuda(), q, n, k).cpu(), x @ w.T, f"{q.name} M={m} on CUDA")
+            y = gguf_matmul(x.cuda(), raw.cuda(), q, n, k).cpu()
+            assert_close(y, x.double() @ w.T, f"{q.name} M={m} on CUDA")
     for types, hidden, inter, t, k, dtype, slot_dtype in MOE_CASES:
         spec, pool, x, slots, weights = moe_inputs(types, hidden, inter, t, k, dtype, slot_dtype, gen)
         xd, pd, sd, wd = (a.cuda() for a in (x, pool, slots, weights))
