@@ -28,7 +28,7 @@ from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
 from lite.convert.names import build_tensor
 from lite.convert.plan import Checkpoint, PlannedTensor, plan_types
 from lite.convert.recipes import Overrides
-from lite.convert.tokenizer_meta import add_tokenizer_metadata
+from lite.convert.tokenizer_meta import add_tokenizer_metadata, has_tokenizer
 from lite.errors import LiteError
 from quant.formats import FLOAT_TYPES, nbytes
 from quant.gguf_file import GGUFFile, TensorRef
@@ -136,12 +136,14 @@ def add_hf_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, legacy: bool) -> 
 
 
 def add_hf_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, notes: list[str]) -> bool:
-    if not (hf_dir / "tokenizer.json").is_file():
+    if not has_tokenizer(hf_dir):
         # "none" (no tokens) lets llama.cpp load the file for token-id use, as its vocab-less models do
         writer.add_tokenizer_model("none")
-        notes.append("no tokenizer.json: the GGUF has no tokenizer (token ids only; `lite chat` needs one)")
+        notes.append(
+            "no tokenizer.json or tiktoken.model: the GGUF has no tokenizer (token ids only; `lite chat` needs one)"
+        )
         return False
-    add_tokenizer_metadata(writer, hf_dir)
+    notes.extend(add_tokenizer_metadata(writer, hf_dir))
     if gguf.Keys.Tokenizer.CHAT_TEMPLATE not in writer.kv_data[0]:
         notes.append("no chat template in tokenizer_config.json: `lite chat` will fall back to plain text")
     return True
