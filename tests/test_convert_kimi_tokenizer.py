@@ -332,6 +332,11 @@ def test_other_bad_tokenizer_files_are_one_line(kimi_copy, tmp_path, lite):
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         return r.stderr.strip()
 
+    config = json.loads((kimi_copy / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (kimi_copy / "tokenizer_config.json").write_text(json.dumps(config))
+    r = lite("convert", str(kimi_copy), "-o", str(tmp_path / "m.gguf"), "--dry-run")
+    assert "no chat template in tokenizer_config.json: `lite chat` will use Kimi-K2's built-in format" in r.stdout
     (kimi_copy / "tokenizer_config.json").write_text("{bad")
     assert convert() == (
         f"error: cannot read the tokenizer in {kimi_copy} (Expecting property name enclosed in double quotes: line 1 "

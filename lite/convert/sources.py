@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from lite.chat_template import KIMI_K2_CHAT_TEMPLATE, default_chat_template
 from lite.config import ARCH
 from lite.convert import fp8
 from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
@@ -144,8 +145,12 @@ def add_hf_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, notes: list[str]) ->
         )
         return False
     notes.extend(add_tokenizer_metadata(writer, hf_dir))
-    if gguf.Keys.Tokenizer.CHAT_TEMPLATE not in writer.kv_data[0]:
-        notes.append("no chat template in tokenizer_config.json: `lite chat` will fall back to plain text")
+    kv, keys = writer.kv_data[0], gguf.Keys.Tokenizer
+    if keys.CHAT_TEMPLATE not in kv:
+        # lite's Tokenizer then picks a built-in format by the special tokens, as this names it
+        special = {t for t, k in zip(kv[keys.LIST].value, kv[keys.TOKEN_TYPE].value) if k != gguf.TokenType.NORMAL}
+        which = "Kimi-K2's" if default_chat_template(special) == KIMI_K2_CHAT_TEMPLATE else "DeepSeek-V2-Chat's"
+        notes.append(f"no chat template in tokenizer_config.json: `lite chat` will use {which} built-in format")
     return True
 
 

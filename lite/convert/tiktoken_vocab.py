@@ -52,6 +52,7 @@ KIMI_PAT_PARTS = (
 KIMI_PAT = "|".join(KIMI_PAT_PARTS)
 
 _BYTE_CHARS = bytes_to_unicode()
+_CONFIG, _FIX_CONFIG = "tokenizer_config.json", "fix or re-download tokenizer_config.json"
 _TT = gguf.TokenType
 
 
@@ -136,12 +137,12 @@ def merges_from_ranks(ranks: dict[bytes, int]) -> tuple[list[str], int]:
 def _added_tokens(config: dict[str, Any]) -> dict[int, str]:
     decoder = config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
-        raise LiteError("added_tokens_decoder is not a mapping of ids to tokens")
+        raise LiteError(f"{_CONFIG}'s added_tokens_decoder is not a mapping of ids to tokens; {_FIX_CONFIG}")
     out = {}
     for key, entry in decoder.items():
         content = entry.get("content") if isinstance(entry, dict) else entry
         if not isinstance(content, str):
-            raise LiteError(f"added_tokens_decoder[{key!r}] has no content string")
+            raise LiteError(f"{_CONFIG}'s added_tokens_decoder[{key!r}] has no content string; {_FIX_CONFIG}")
         out[int(key)] = content
     return out
 
@@ -199,7 +200,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise LiteError(f"{path.name} is not a JSON object")
+        raise LiteError(f"{path} is not a JSON object; fix or re-download it")
     return data
 
 
