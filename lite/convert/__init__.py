@@ -6,7 +6,7 @@
 - `names.py`: HF tensor names → llama.cpp's, and the tensor surgery between them;
 - `sources.py`: slices of weights, and metadata, from safetensors or a GGUF;
 - `fp8.py`: block-scaled FP8 dequantization; `hf_meta.py`: config.json → `deepseek2.*` keys;
-- `tokenizer_meta.py`: an HF tokenizer → `tokenizer.*` keys.
+- `tokenizer_meta.py`: an HF tokenizer → `tokenizer.*` keys; `tiktoken_vocab.py`: Kimi-K2's tiktoken.model → the same.
 
 Conversion depends on the rest of lite (config, tokenizer, weights) and on quant, never the other way round.
 The entry points load on first use, so that `cli/cmd_convert.py` can read the recipe tables while building the

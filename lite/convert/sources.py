@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from lite.chat_template import KIMI_K2_CHAT_TEMPLATE, default_chat_template
 from lite.config import ARCH
 from lite.convert import fp8
 from lite.convert.hf_meta import add_metadata, gguf_metadata_from_hf
 from lite.convert.names import build_tensor
 from lite.convert.plan import Checkpoint, PlannedTensor, plan_types
 from lite.convert.recipes import Overrides
-from lite.convert.tokenizer_meta import add_tokenizer_metadata
+from lite.convert.tokenizer_meta import add_tokenizer_metadata, has_tokenizer
 from lite.errors import LiteError
 from quant.formats import FLOAT_TYPES, nbytes
 from quant.gguf_file import GGUFFile, TensorRef
@@ -136,14 +137,20 @@ def add_hf_metadata(writer: gguf.GGUFWriter, ckpt: Checkpoint, legacy: bool) -> 
 
 
 def add_hf_tokenizer(writer: gguf.GGUFWriter, hf_dir: Path, notes: list[str]) -> bool:
-    if not (hf_dir / "tokenizer.json").is_file():
+    if not has_tokenizer(hf_dir):
         # "none" (no tokens) lets llama.cpp load the file for token-id use, as its vocab-less models do
         writer.add_tokenizer_model("none")
-        notes.append("no tokenizer.json: the GGUF has no tokenizer (token ids only; `lite chat` needs one)")
+        notes.append(
+            "no tokenizer.json or tiktoken.model: the GGUF has no tokenizer (token ids only; `lite chat` needs one)"
+        )
         return False
-    add_tokenizer_metadata(writer, hf_dir)
-    if gguf.Keys.Tokenizer.CHAT_TEMPLATE not in writer.kv_data[0]:
-        notes.append("no chat template in tokenizer_config.json: `lite chat` will fall back to plain text")
+    notes.extend(add_tokenizer_metadata(writer, hf_dir))
+    kv, keys = writer.kv_data[0], gguf.Keys.Tokenizer
+    if keys.CHAT_TEMPLATE not in kv:
+        # lite's Tokenizer then picks a built-in format by the special tokens, as this names it
+        special = {t for t, k in zip(kv[keys.LIST].value, kv[keys.TOKEN_TYPE].value) if k != gguf.TokenType.NORMAL}
+        which = "Kimi-K2's" if default_chat_template(special) == KIMI_K2_CHAT_TEMPLATE else "DeepSeek-V2-Chat's"
+        notes.append(f"no chat template in tokenizer_config.json: `lite chat` will use {which} built-in format")
     return True
 
 

@@ -4,6 +4,7 @@ Follows llama.cpp's convert_hf_to_gguf.py for DeepSeek-V2 (`_set_vocab_gpt2`): o
 model's `vocab_size` (missing ids become `[PAD{i}]`, UNUSED), added tokens typed CONTROL when special or when
 they look special (`<｜...｜>`, `<|...|>`) and USER_DEFINED otherwise, everything else NORMAL; merges, special
 token ids, `add_*_token` flags and the chat template come from `gguf.SpecialVocab`, as in llama.cpp.
+A folder with no tokenizer.json but a tiktoken vocabulary (Kimi-K2's tiktoken.model) goes to tiktoken_vocab.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gguf
 from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from lite.convert.tiktoken_vocab import TIKTOKEN_FILE, add_tiktoken_metadata
 from lite.errors import LiteError
 from lite.tokenizer import DEEPSEEK_LLM_SPLITS, deepseek_llm_pre_tokenizer, pre_tokenizer
 
@@ -67,17 +69,23 @@ def _check_pre_tokenizer(hf: HFTokenizer, path: Path) -> str:
     )
 
 
-def _vocab_size(hf_dir: Path, n_tokens: int) -> int:
+def _config_vocab_size(hf_dir: Path) -> int | None:
     config = hf_dir / "config.json"
     if config.is_file():
-        return int(json.loads(config.read_text(encoding="utf-8")).get("vocab_size", n_tokens))
-    return n_tokens
+        size = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+        return None if size is None else int(size)
+    return None
+
+
+def _vocab_size(hf_dir: Path, n_tokens: int) -> int:
+    size = _config_vocab_size(hf_dir)
+    return n_tokens if size is None else size
 
 
 def _tokens_and_types(hf_dir: Path) -> tuple[list[str], list[int], str]:
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
-        raise LiteError(f"no tokenizer.json in {hf_dir}; convert from a Hugging Face checkpoint that has one")
+        raise LiteError(f"no tokenizer.json or {TIKTOKEN_FILE} in {hf_dir}; convert from a checkpoint that has one")
     hf = HFTokenizer.from_file(str(path))
     pre = _check_pre_tokenizer(hf, path)
     vocab = hf.get_vocab(with_added_tokens=True)
@@ -127,11 +135,22 @@ def tokenizer_metadata_from_hf(hf_dir: str | Path) -> dict[str, Any]:
     return {key: kv.value for key, kv in writer.kv_data[0].items() if key.startswith("tokenizer.")}
 
 
-def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: str | Path) -> None:
-    """Write `hf_dir`'s tokenizer into `writer` as llama.cpp's converter does for DeepSeek-V2. A malformed
-    tokenizer.json or tokenizer_config.json raises LiteError (the parsers' own errors are of many types)."""
+def has_tokenizer(hf_dir: Path) -> bool:
+    """Whether `hf_dir` holds a tokenizer lite converts: tokenizer.json, or Kimi-K2's tiktoken.model."""
+    return (hf_dir / "tokenizer.json").is_file() or (hf_dir / TIKTOKEN_FILE).is_file()
+
+
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: str | Path) -> list[str]:
+    """Write `hf_dir`'s tokenizer into `writer` as llama.cpp's converter does for DeepSeek-V2 (or, for a tiktoken
+    vocabulary, for Kimi-K2); returns notes for the summary. A malformed tokenizer.json, tiktoken.model or
+    tokenizer_config.json raises LiteError (the parsers' own errors are of many types)."""
     hf_dir = Path(hf_dir)
+    # llama.cpp tries tokenizer.json first too (_set_vocab_gpt2), and only then the tiktoken vocabulary
+    tiktoken = not (hf_dir / "tokenizer.json").is_file() and (hf_dir / TIKTOKEN_FILE).is_file()
+    vocab_file = TIKTOKEN_FILE if tiktoken else "tokenizer.json"
     try:
+        if tiktoken:
+            return add_tiktoken_metadata(writer, hf_dir, _config_vocab_size(hf_dir))
         tokens, types, pre = _tokens_and_types(hf_dir)
         special = _special_vocab(hf_dir)
     except LiteError:
@@ -139,11 +158,12 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, hf_dir: str | Path) -> None:
     except Exception as e:  # tokenizers raises a bare Exception, json a ValueError, gguf KeyError/TypeError
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LiteError(
-            f"cannot read the tokenizer in {hf_dir} ({reason}); fix or re-download tokenizer.json and "
-            "tokenizer_config.json, or remove tokenizer.json to convert without a tokenizer"
+            f"cannot read the tokenizer in {hf_dir} ({reason}); fix or re-download {vocab_file} and "
+            f"tokenizer_config.json, or remove {vocab_file} to convert without a tokenizer"
         ) from None
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special.add_to_gguf(writer, quiet=True)
+    return []
