@@ -127,7 +127,8 @@ class Tokenizer:
                 bos_id=md.get("tokenizer.ggml.bos_token_id"),
                 eos_id=md.get("tokenizer.ggml.eos_token_id"),
                 pad_id=md.get("tokenizer.ggml.padding_token_id"),
-                add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", True)),
+                # without the key llama.cpp adds a BOS for SentencePiece vocabularies only, not for BPE ("gpt2")
+                add_bos_token=bool(md.get("tokenizer.ggml.add_bos_token", md.get("tokenizer.ggml.model") == "llama")),
                 add_eos_token=bool(md.get("tokenizer.ggml.add_eos_token", False)),
                 chat_template=template,
                 pre=md.get("tokenizer.ggml.pre", "deepseek-llm"),

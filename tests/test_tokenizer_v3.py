@@ -92,3 +92,28 @@ def test_convert_labels_a_deepseek_v3_tokenizer(tmp_path):
     ours = Tokenizer.from_gguf(f)
     for text in TEXTS:
         assert ours.encode(text, add_bos=False) == hf.encode(text, add_special_tokens=False).ids, text[:40]
+
+
+@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-v3", "kimi-k2"])
+def test_a_missing_add_bos_token_key_follows_llama_cpp(pre, shared_dir, tmp_path):
+    """A GGUF without `tokenizer.ggml.add_bos_token` (llama.cpp's converter omits it for tiktoken vocabularies):
+    lite adds a BOS exactly when llama.cpp does."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference tokenizer here")
+    src = GGUFFile(shared_dir / "vocab" / "ggml-vocab-deepseek-llm.gguf")
+    out = tmp_path / f"vocab-{pre}-no-bos-key.gguf"
+    w = gguf.GGUFWriter(str(out), src.metadata["general.architecture"])
+    for key, field in src.reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.ggml.add_bos_token"):
+            continue
+        value = pre if key == "tokenizer.ggml.pre" else src.metadata[key]
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, value, field.types[0], sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, value, field.types[0])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    ours = Tokenizer.from_gguf(str(out))
+    assert ours.encode("Hello there") == ref.tokenize(b"Hello there", add_bos=True, special=False)
