@@ -32,7 +32,7 @@ import torch
 
 from quant.errors import LiteError
 
-# Also SUPPORTED_QTYPES, QUANTIZE_QTYPES and DEQUANT_QTYPES, computed from the type table on first access (see __getattr__).
+# Also SUPPORTED_QTYPES, QUANTIZE_QTYPES and DEQUANT_QTYPES: from the type table on first access (__getattr__).
 __all__ = [
     "ISAS",
     "all_finite",
