@@ -63,8 +63,6 @@ def gemm_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-
-
 @functools.cache
 def _native_expand() -> frozenset[Q]:
     return frozenset(Q(v) for v in native.DEQUANT_QTYPES.values())
