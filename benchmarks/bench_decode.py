@@ -144,6 +144,20 @@ def summarize(name: str, rates: list[float]) -> str:
     return f"{name:10s} median {med:7.2f} tok/s  ({1e3 / med:7.1f} ms/token)  spread {min(rates):.2f}..{max(rates):.2f}"
 
 
+def alternate(engines: list, rounds: int, measure) -> dict[str, list[float]]:
+    """tok/s of `measure(engine)` per round, engines in alternating order (so load hits all alike); prints each
+    round, the load average after, and each engine's median and spread."""
+    rates: dict[str, list[float]] = {e.name: [] for e in engines}
+    for r in range(rounds):
+        for e in engines if r % 2 == 0 else engines[::-1]:
+            rates[e.name].append(measure(e))
+        print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.2f} tok/s" for n, v in rates.items()), flush=True)
+    print(f"load average after: {load_avg()}")
+    for name, v in rates.items():
+        print(summarize(name, v))
+    return rates
+
+
 def bench(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if "llama" in args.engines:
@@ -166,14 +180,7 @@ def bench(args: argparse.Namespace) -> None:
     ids = decode_ids(args.tokens, vocab)
     for e in engines:  # warm-up: page the weights in, build caches
         run_round(e, ids[:4])
-    rates: dict[str, list[float]] = {e.name: [] for e in engines}
-    for r in range(args.rounds):
-        for e in engines if r % 2 == 0 else engines[::-1]:
-            rates[e.name].append(run_round(e, ids))
-        print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.2f} tok/s" for n, v in rates.items()), flush=True)
-    print(f"load average after: {load_avg()}")
-    for name, v in rates.items():
-        print(summarize(name, v))
+    rates = alternate(engines, args.rounds, lambda e: run_round(e, ids))
     if "lite" in rates:
         med = statistics.median(rates["lite"])
         print(f"lite effective bandwidth: {per_token * med / 1e9:.2f} GB/s of weights")

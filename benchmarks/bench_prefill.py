@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from bench_decode import LiteEngine, decode_ids, load_avg, summarize, with_vocab  # noqa: E402
+from bench_decode import LiteEngine, alternate, decode_ids, load_avg, with_vocab  # noqa: E402
 
 
 class LlamaPrefill:
@@ -70,14 +70,7 @@ def bench(args: argparse.Namespace) -> None:
           f"{'off' if args.no_llama_extra_bufts else 'on'}; load average before: {load_avg()}", flush=True)  # fmt: skip
     for e in engines:  # warm-up: pages the weights in, builds caches and kernels
         timed(e, prompt)
-    rates: dict[str, list[float]] = {e.name: [] for e in engines}
-    for r in range(args.rounds):
-        for e in engines if r % 2 == 0 else engines[::-1]:
-            rates[e.name].append(timed(e, prompt))
-        print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:.2f} tok/s" for n, v in rates.items()), flush=True)
-    print(f"load average after: {load_avg()}")
-    for name, v in rates.items():
-        print(summarize(name, v))
+    rates = alternate(engines, args.rounds, lambda e: timed(e, prompt))
     if len(rates) == 2:
         ratio = statistics.median(rates["lite"]) / statistics.median(rates["llama.cpp"])
         print(f"lite / llama.cpp prompt speed: {ratio:.2f}x")

@@ -33,6 +33,16 @@ def hf_lite(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("hf_lite_only"), "lite", seed=2)
 
 
+@pytest.fixture(scope="session")
+def tiny_q4_gguf(tmp_path_factory, hf_lite) -> Path:
+    """The V2-Lite-like tiny model converted with the default recipe: routed experts 4-bit (Q4_K / Q4_0)."""
+    from lite.convert import convert
+
+    out = tmp_path_factory.mktemp("tiny_q4") / "tiny-q4.gguf"
+    convert(hf_lite, out)
+    return out
+
+
 @pytest.fixture(scope="session", params=["v3", "moonlight", "kimi"])
 def hf_v3(request, tmp_path_factory) -> Path:
     """A tiny random DeepseekV3ForCausalLM checkpoint: V3/R1-like, Moonlight-like, Kimi-K2-like."""

@@ -83,12 +83,8 @@ def lite_tensors(path: Path) -> dict[str, TensorRef]:
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, hf_lite) -> Path:
-    from lite.convert import convert
-
-    out = tmp_path_factory.mktemp("types") / "tiny-q4.gguf"
-    convert(hf_lite, out)
-    return out
+def tiny_gguf(tiny_q4_gguf) -> Path:
+    return tiny_q4_gguf
 
 
 @pytest.fixture(scope="module")

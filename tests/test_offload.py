@@ -22,13 +22,8 @@ DECODE = [8, 400, 77, 2]
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory, hf_lite) -> Path:
-    """The V2-Lite-like tiny model with the default recipe: routed experts 4-bit (Q4_K / Q4_0)."""
-    from lite.convert import convert
-
-    out = tmp_path_factory.mktemp("offload") / "tiny-q4.gguf"
-    convert(hf_lite, out)
-    return out
+def tiny_gguf(tiny_q4_gguf) -> Path:
+    return tiny_q4_gguf
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,14 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def v3_vocab(shared_dir, tmp_path_factory) -> Path:
-    """The shared DeepSeek LLM vocabulary, relabelled with the `deepseek-v3` pre-tokenizer."""
+def relabelled_vocab(shared_dir: Path, out: Path, pre: str, drop: tuple[str, ...] = ()) -> Path:
+    """The shared DeepSeek LLM vocabulary GGUF with `tokenizer.ggml.pre` set to `pre` and the keys `drop` left out."""
     src = GGUFFile(shared_dir / "vocab" / "ggml-vocab-deepseek-llm.gguf")
-    out = tmp_path_factory.mktemp("v3vocab") / "vocab-deepseek-v3.gguf"
     w = gguf.GGUFWriter(str(out), src.metadata["general.architecture"])
     for key, field in src.reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
             continue
-        value = "deepseek-v3" if key == "tokenizer.ggml.pre" else src.metadata[key]
+        value = pre if key == "tokenizer.ggml.pre" else src.metadata[key]
         if field.types[0] == gguf.GGUFValueType.ARRAY:
             w.add_key_value(key, value, field.types[0], sub_type=field.types[-1])
         else:
@@ -44,6 +42,12 @@ def v3_vocab(shared_dir, tmp_path_factory) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+@pytest.fixture(scope="module")
+def v3_vocab(shared_dir, tmp_path_factory) -> Path:
+    """The shared DeepSeek LLM vocabulary, relabelled with the `deepseek-v3` pre-tokenizer."""
+    return relabelled_vocab(shared_dir, tmp_path_factory.mktemp("v3vocab") / "vocab-deepseek-v3.gguf", "deepseek-v3")
 
 
 def test_deepseek_v3_pre_tokenizer_matches_llama_cpp(v3_vocab, shared_dir):
@@ -99,21 +103,7 @@ def test_a_missing_add_bos_token_key_follows_llama_cpp(pre, shared_dir, tmp_path
     """A GGUF without `tokenizer.ggml.add_bos_token` (llama.cpp's converter omits it for tiktoken vocabularies):
     lite adds a BOS exactly when llama.cpp does."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the reference tokenizer here")
-    src = GGUFFile(shared_dir / "vocab" / "ggml-vocab-deepseek-llm.gguf")
-    out = tmp_path / f"vocab-{pre}-no-bos-key.gguf"
-    w = gguf.GGUFWriter(str(out), src.metadata["general.architecture"])
-    for key, field in src.reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.ggml.add_bos_token"):
-            continue
-        value = pre if key == "tokenizer.ggml.pre" else src.metadata[key]
-        if field.types[0] == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(key, value, field.types[0], sub_type=field.types[-1])
-        else:
-            w.add_key_value(key, value, field.types[0])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    out = relabelled_vocab(shared_dir, tmp_path / f"vocab-{pre}.gguf", pre, drop=("tokenizer.ggml.add_bos_token",))
     ref = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
     ours = Tokenizer.from_gguf(str(out))
     assert ours.encode("Hello there") == ref.tokenize(b"Hello there", add_bos=True, special=False)
