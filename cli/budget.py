@@ -79,6 +79,17 @@ def model_sizes(path: Path | str, device: str) -> Any:
     return sizes_of(f.metadata, f.tensors, 2 if cuda else 4, "cuda" if cuda else "cpu")
 
 
+def cache_dtype_bytes(path: Path | str, device: str, dtype: Any = None) -> int:
+    """Bytes per latent-cache value: `dtype`'s, else what lite.load would choose for this file on `device`."""
+    from lite.cache import default_cache_dtype, is_quantized
+    from quant.gguf_file import GGUFFile
+
+    if dtype is not None:
+        return int(dtype.itemsize)
+    cuda = device.startswith("cuda")
+    return default_cache_dtype("cuda" if cuda else "cpu", quantized=is_quantized(GGUFFile(str(path)).tensors)).itemsize
+
+
 def expert_slots(value: str, sizes: Any) -> int:
     """--expert-cache: digits are slots per MoE layer (1..n_experts); a size is bytes, turned into slots."""
     n = sizes.n_experts

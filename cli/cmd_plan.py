@@ -26,12 +26,14 @@ def run(args: argparse.Namespace) -> int:
     from offload.planner import format_bytes, make_plan
 
     device = budget.planner_device(args.device)
-    sizes = budget.model_sizes(common.resolve_model(args.model), device)
+    path = common.resolve_model(args.model)
+    sizes = budget.model_sizes(path, device)
     ctx = budget.resolve_ctx(args.ctx_size, sizes.context_length, "-c/--ctx-size")
     opts = budget.offload_options(args, sizes)
     opts.setdefault("experts_on", "auto")
     try:
-        plan = make_plan(sizes, device=device, ctx=ctx, cache_dtype_bytes=2 if device == "cuda" else 4, **opts)
+        cache_bytes = budget.cache_dtype_bytes(path, device, common.cache_dtype(args))
+        plan = make_plan(sizes, device=device, ctx=ctx, cache_dtype_bytes=cache_bytes, **opts)
     except LiteError as e:
         raise LiteError(budget.flag_names(str(e), "-c")) from None
     if args.json:

@@ -112,6 +112,19 @@ def add_context_arg(
         "-c", "--ctx-size", type=int, default=None, metavar="N",
         help=f"context length in tokens (default: {help_default}; more than the model's is an error)",
     )  # fmt: skip
+    p.add_argument(
+        "--cache-type", choices=tuple(CACHE_TYPES), default="auto",
+        help="latent cache values: auto (bf16 on CUDA, and on CPUs with bf16 instructions for quantized models; "
+        "else f32), f32 or bf16",
+    )  # fmt: skip
+
+
+CACHE_TYPES = {"auto": None, "f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cache_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """--cache-type as a torch dtype (None: lite.load's default)."""
+    return CACHE_TYPES[getattr(args, "cache_type", "auto")]
 
 
 def add_offload_args(p: argparse.ArgumentParser, runtime: bool = True) -> None:
@@ -207,7 +220,7 @@ def load_model(
     options["ctx"] = budget.resolve_ctx(requested, sizes.context_length, ctx_flag, ctx_default)
     with console.status(f"loading {path.name} …", spinner="dots"):
         try:
-            model = lite.load(str(path), device=args.device, **options)
+            model = lite.load(str(path), device=args.device, cache_dtype=cache_dtype(args), **options)
         except LiteError as e:  # the planner's option names -> the flags the user typed
             raise LiteError(budget.flag_names(str(e), "--ctx" if ctx_flag == "--ctx" else "-c")) from None
     if governor is not None:

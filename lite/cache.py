@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from lite.config import ModelArgs
 
 
-def default_cache_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA (half the bytes, tensor cores), float32 on CPU (exact, and CPU bf16 matmuls are slow)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def default_cache_dtype(
+    device: torch.device | str, dtype: torch.dtype = torch.float32, quantized: bool = False
+) -> torch.dtype:
+    """The latent cache's default dtype: bf16 on CUDA (half the bytes, tensor cores); on the CPU, bf16 for a model
+    with quantized weights where the CPU multiplies bf16 natively (AVX512-BF16 / AMX: attention over a 2K prompt
+    runs ~1.4x faster and the cache takes half the memory, as llama.cpp's f16 cache), else the compute dtype
+    (float32 keeps an f32 GGUF exact, and CPUs without bf16 instructions multiply bf16 slowly)."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    if dtype == torch.float32 and quantized:
+        from quant.prefill import gemm_dtype
+
+        return gemm_dtype()
+    return dtype
+
+
+def is_quantized(tensors: Mapping[str, Any]) -> bool:
+    """Whether any weight of a GGUF's tensors (`quant.gguf_file.TensorRef`s) is in a block type (not F32/F16/BF16)."""
+    from quant.formats import FLOAT_TYPES
+
+    return any(getattr(t, "qtype", None) not in (None, *FLOAT_TYPES) for t in tensors.values())
 
 
 class LatentCache:

@@ -9,6 +9,7 @@ from typing import Any
 import gguf
 import torch
 
+from lite.cache import default_cache_dtype, is_quantized
 from lite.config import ModelArgs, check_tensor_layers
 from lite.errors import LiteError
 from lite.generate import Session, generate
@@ -47,7 +48,8 @@ class Model:
         self.config = args
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.cache_dtype = cache_dtype or self.dtype  # bf16 on CUDA, float32 on CPU by default
+        self.cache_dtype = cache_dtype or default_cache_dtype(self.device, self.dtype, is_quantized(tensors))
+        options.setdefault("cache_dtype_bytes", self.cache_dtype.itemsize)  # the planner counts the same cache
         self.metadata = dict(metadata or {})
         self.tokenizer = tokenizer
         weights, stacks = load_weights(args, tensors, self.device, self.dtype)
@@ -144,7 +146,8 @@ def load(
     """Load a DeepSeek-V2/V3-family GGUF (ours or llama.cpp's, split k_b/v_b or legacy kv_b).
 
     device: "auto" | "cpu" | "cuda"; dtype: compute dtype (default bf16 on CUDA, float32 on CPU);
-    cache_dtype: latent cache dtype (same defaults); options go to `offload.build_experts`
+    cache_dtype: latent cache dtype (default bf16 on CUDA; on the CPU bf16 for quantized weights where the CPU has
+    bf16 instructions, else the compute dtype: `lite.cache.default_cache_dtype`); options go to `offload.build_experts`
     (gpu_memory, ram_memory, experts_on, expert_cache, prefetch, miss_policy).
     """
     from quant.finite import check_finite

@@ -60,6 +60,9 @@ def error(r) -> str:
     return r.stderr[len("error: ") : -1]
 
 
+F32 = ("--cache-type", "f32")  # the figures below are for a float32 latent cache
+
+
 @needs_demo
 @pytest.mark.parametrize(
     "args, message",
@@ -76,23 +79,23 @@ def error(r) -> str:
          "use 512 or less"),
         (("perplexity", DEMO, "README.md", "--chunks", "-1"), "--chunks must be at least 1, got -1; leave it out to "
          "score every chunk"),
-        (("run", "-p", "x", "--ram", "1KiB"), "the RAM budget 1.00 KiB cannot hold the latent cache for 512 tokens "
-         "(1.25 MiB) + the least the experts need (756.00 KiB: one slot per layer and a disk-tier LRU of 4 experts); "
-         "use a RAM budget of at least 1.99 MiB (--ram)"),
+        (("run", "-p", "x", "--ram", "1KiB", *F32), "the RAM budget 1.00 KiB cannot hold the latent cache for 512 "
+         "tokens (1.25 MiB) + the least the experts need (756.00 KiB: one slot per layer and a disk-tier LRU of 4 "
+         "experts); use a RAM budget of at least 1.99 MiB (--ram)"),
         (("run", "-p", "x", "--expert-cache", "17"), "--expert-cache 17 slots is out of range: this model has 16 "
          "experts per layer; give 1 to 16 slots, or a size such as 2GiB"),
         (("run", "-p", "x", "--expert-cache", "2KiB"), "--expert-cache 2KiB is less than one expert slot per layer "
          "(324.00 KiB); give slots per layer or a larger size"),
         (("run", "-p", "x", "--gpu-mem", "6G"), "--gpu-mem takes bytes or a size such as 6GiB, 512MiB or 8GB, "
          "got '6G'"),
-        (("run", "-p", "x", "--experts-on", "device", "--gpu-mem", "7MiB"), "--experts-on device needs 10.79 MiB in "
-         "the device tier for the dense weights, the latent cache, the reserve and all experts but --gpu-mem caps it "
-         "at 7.00 MiB; use --experts-on auto or --gpu-mem 10.79 MiB"),
-        (("run", "-p", "x", "-c", "512", "--gpu-mem", "5MiB"), "the device budget 5.00 MiB cannot hold the dense "
-         "weights (3.98 MiB) + latent cache for 512 tokens (1.25 MiB) + reserve (509.12 KiB) + one expert slot per "
-         "layer (324.00 KiB); use a device budget of at least 6.04 MiB (--gpu-mem)"),
-        (("run", "-p", "x", "-c", "512", "--gpu-mem", "6MiB"), "use a context of at most 495 tokens (-c 495), or a "
-         "device budget of at least 6.04 MiB (--gpu-mem)"),
+        (("run", "-p", "x", "--experts-on", "device", "--gpu-mem", "7MiB", *F32), "--experts-on device needs 10.79 "
+         "MiB in the device tier for the dense weights, the latent cache, the reserve and all experts but --gpu-mem "
+         "caps it at 7.00 MiB; use --experts-on auto or --gpu-mem 10.79 MiB"),
+        (("run", "-p", "x", "-c", "512", "--gpu-mem", "5MiB", *F32), "the device budget 5.00 MiB cannot hold the "
+         "dense weights (3.98 MiB) + latent cache for 512 tokens (1.25 MiB) + reserve (509.12 KiB) + one expert "
+         "slot per layer (324.00 KiB); use a device budget of at least 6.04 MiB (--gpu-mem)"),
+        (("run", "-p", "x", "-c", "512", "--gpu-mem", "6MiB", *F32), "use a context of at most 495 tokens (-c 495), "
+         "or a device budget of at least 6.04 MiB (--gpu-mem)"),
     ],
 )  # fmt: skip
 def test_context_and_budget_errors_name_the_flags(lite, args, message):

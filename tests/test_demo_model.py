@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import lite
 
@@ -44,7 +45,9 @@ AGREE = 3
 def demo():
     if not DEMO.is_file():
         pytest.fail(f"{DEMO} is missing; make it with benchmarks/train_demo.py and `lite convert`")
-    return lite.load(str(DEMO), device="cpu")
+    # the recording was made with a float32 latent cache: pinned, so it holds on any CPU (the default is bf16 where
+    # the CPU has bf16 instructions: see test_default_cache_agrees_with_float_checkpoint)
+    return lite.load(str(DEMO), device="cpu", cache_dtype=torch.float32)
 
 
 def test_bundled_file_is_small_and_deepseek_v2_shaped(demo):
@@ -75,6 +78,15 @@ def test_recording_agrees_with_float_checkpoint(demo):
     picks = logits[len(PROMPT_IDS) - 1 :].argmax(-1).tolist()
     same = sum(p == f for p, f in zip(picks, FLOAT_GREEDY)) / len(FLOAT_GREEDY)
     assert same >= 0.9, f"top-1 agreement with the float model along its path: {same:.2f}"
+
+
+def test_default_cache_agrees_with_float_checkpoint():
+    """The default latent cache (bf16 on CPUs with bf16 instructions) keeps the demo's greedy start and its top-1
+    agreement with the float checkpoint."""
+    model = lite.load(str(DEMO), device="cpu")
+    assert list(model.generate(PROMPT_IDS, max_tokens=AGREE, temperature=0.0)) == FLOAT_GREEDY[:AGREE]
+    picks = model.logits(PROMPT_IDS + FLOAT_GREEDY[:-1])[len(PROMPT_IDS) - 1 :].argmax(-1).tolist()
+    assert sum(p == f for p, f in zip(picks, FLOAT_GREEDY)) / len(FLOAT_GREEDY) >= 0.9
 
 
 def record(ckpt_dir: str) -> None:

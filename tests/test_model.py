@@ -289,3 +289,21 @@ def test_attend_latent_blocks_match_causal_softmax(start, monkeypatch):
         monkeypatch.setattr(lite.model, "CAUSAL_BLOCK", block)
         out = lite.model.attend_latent(query, kv, start, r)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_default_cache_dtype_follows_the_weights_and_the_cpu(hf_lite, tiny_q4_gguf, tmp_path):
+    """An f32 GGUF keeps a float32 latent cache (exact); a quantized one gets bf16 where the CPU multiplies bf16
+    natively (attention at matrix speed, half the memory), float32 elsewhere; CUDA is always bf16."""
+    from lite.cache import default_cache_dtype
+
+    bf16_native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert default_cache_dtype("cuda") == torch.bfloat16
+    assert default_cache_dtype("cpu", torch.float32, quantized=False) == torch.float32
+    assert default_cache_dtype("cpu", torch.float32, quantized=True) == (
+        torch.bfloat16 if bf16_native else torch.float32
+    )
+    f32 = lite.load(str(write_f32_gguf(hf_lite, tmp_path / "f32.gguf")), device="cpu")
+    assert f32.cache_dtype == torch.float32 and f32.session(8).cache.dtype == torch.float32
+    q4 = lite.load(str(tiny_q4_gguf), device="cpu")
+    assert q4.session(8).cache.dtype == default_cache_dtype("cpu", torch.float32, quantized=True)
+    assert lite.load(str(tiny_q4_gguf), device="cpu", cache_dtype=torch.float32).cache_dtype == torch.float32

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import gguf
 import pytest
+import torch
 
 from lite.errors import LiteError
 from offload.planner import STAGING_BUFFERS, GiB, make_plan, model_sizes, parse_size
@@ -270,8 +271,10 @@ def test_lite_plan_command(tmp_path, hf_lite, capsys):
     assert main(["plan", str(path), "--device", "cpu", "--gpu-mem", "64MiB", "-c", "256", "--json",
                  "--expert-cache", "2"]) == 0  # fmt: skip
     plan = json.loads(capsys.readouterr().out)
-    # tiny "lite" config: 3 layers, kv_lora 64 + rope 16 values per token and layer, float32 on CPU
-    assert plan["device_bytes"]["latent_cache"] == 3 * (64 + 16) * 4 * 256 and plan["slots_per_layer"] == 2
+    # tiny "lite" config: 3 layers, kv_lora 64 + rope 16 values per token and layer
+    # a quantized file's cache is bf16 on a CPU with bf16 instructions (as lite.load makes it), else float32
+    value_bytes = 2 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 4
+    assert plan["device_bytes"]["latent_cache"] == 3 * (64 + 16) * value_bytes * 256 and plan["slots_per_layer"] == 2
     assert plan["experts_on"] == "ram" and plan["moe_layers"] == [1, 2] and plan["ctx"] == 256
     assert main(["plan", str(path), "--device", "cpu", "--gpu-mem", "1MiB"]) == 2  # refused, one line
     err = capsys.readouterr().err
