@@ -33,7 +33,7 @@ SCRIPT = (
 import json, sys, torch, lite
 from quant.qmatrix import QMatrix
 path, out, opts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-m = lite.load(path, device="cpu", **opts)
+m = lite.load(path, device="cpu", cache_dtype=torch.float32, **opts)  # float32 math throughout
 assert all(q.layout == "gguf" for q in m.transformer.weights.layers[1].shared.__dict__.values()
            if isinstance(q, QMatrix)), "the device path keeps every weight as GGUF blocks"
 s = m.session(32)
@@ -54,7 +54,7 @@ def device_path_logits(path: Path, out: Path, opts: dict) -> dict:
 
 def cpu_logits(path: Path, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
     monkeypatch.setenv("LITE_CPU_KERNEL", "dense")  # float32 weights, float32 activations: the device kernels' math
-    m = lite.load(str(path), device="cpu", experts_on="device")
+    m = lite.load(str(path), device="cpu", experts_on="device", cache_dtype=torch.float32)
     s = m.session(32)
     return s.feed(PROMPT, all_logits=True), torch.stack([s.feed([t]) for t in DECODE])
 
