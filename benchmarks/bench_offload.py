@@ -251,7 +251,7 @@ def cuda_mode(layers: int) -> dict:
             del e
         auto = build_experts(stacks, None, "cuda", torch.bfloat16, experts_on="ram", expert_cache=k,
                              miss_policy="auto", **common)  # fmt: skip
-        out["auto_calibration"] = {"copy_ms": auto.copy_s * 1e3, "cpu_ms_1tok": auto.cpu_cost[0] * 1e3,
+        out["auto_calibration"] = {"copy_ms": auto.copy_s * 1e3, "cpu_ms_1tok": auto.cpu_cost[0][1] * 1e3,
                                    "chooses_cpu_at_batch1": auto._choose_cpu(1)}  # fmt: skip
         auto.close()
     return out

@@ -40,6 +40,11 @@ from quant.qmatrix import cpu_kernel, device_kernels_forced, native_types
 DISK_READS_PER_PREFETCH = 0
 
 
+# Token counts at which miss_policy="auto" times one expert on the CPU: the 8-bit kernels (1, 8) and the expanded
+# bf16 GEMM (64) that prefill takes from 16 rows (quant/prefill.py); `policy.cpu_seconds` interpolates.
+CALIBRATION_TOKENS = (1, 8, 64)
+
+
 def _align(n: int) -> int:
     return -(-n // 16) * 16
 
@@ -117,7 +122,7 @@ class ExpertEngine:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
         self.in_ram = store.has if store is not None and store.on_disk else None  # disk tier: is it in RAM?
-        self.cpu_cost: tuple[float, float] | None = None  # seconds for 1 token, per extra token
+        self.cpu_cost: list[tuple[int, float]] | None = None  # measured (tokens, seconds) of one expert on the CPU
         self.copy_s: float | None = None  # seconds to copy one expert to the device tier
         if miss_policy == "auto" and store is not None:
             self._calibrate()
@@ -223,7 +228,7 @@ class ExpertEngine:
         return ex
 
     def _calibrate(self) -> None:
-        """Measure one expert's copy time and CPU latency (1 and 8 tokens) for miss_policy="auto"."""
+        """Measure one expert's copy time and CPU latency (at CALIBRATION_TOKENS) for miss_policy="auto"."""
         key = (self.layers[0], 0)  # slot 0 is free and belongs to layers[0]'s group: scribbling on it is harmless
         raws = self.store.read_raw(key)
         self._fill(key, 0, None, raws)  # warm up
@@ -236,15 +241,14 @@ class ExpertEngine:
             torch.cuda.synchronize(self.device)
         self.copy_s = (time.perf_counter() - t0) / 3
         cpu = self.store.read_cpu(key)
-        times = []
-        for n in (1, 8):
+        self.cpu_cost = []
+        for n in CALIBRATION_TOKENS:
             x = torch.randn(n, cpu.gate.shape[1])
             cpu(x)
             t0 = time.perf_counter()
             for _ in range(3):
                 cpu(x)
-            times.append((time.perf_counter() - t0) / 3)
-        self.cpu_cost = (times[0], max(times[1] - times[0], 0.0) / 7)
+            self.cpu_cost.append((n, (time.perf_counter() - t0) / 3))
 
     def _choose_cpu(self, n_tokens: int) -> bool:
         return prefer_cpu(self.miss_policy, n_tokens, self.cpu_cost, self.copy_s, device_free=self.cuda)

@@ -9,7 +9,7 @@ layer's traffic never evicts another layer's experts), "global" pools all slots 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from quant.errors import LiteError
@@ -117,17 +117,35 @@ def next_slot(lru: SlotLRU, key: Key, remaining: set[Key]) -> tuple[int, Key | N
     return got
 
 
+def cpu_seconds(cost: Sequence[tuple[int, float]], n_tokens: int) -> float:
+    """An expert's CPU time for `n_tokens` tokens from measured (tokens, seconds) points, ascending in tokens:
+    piecewise linear between them, the last segment's slope beyond (the CPU kernels change at a row count, so one
+    slope does not fit: 8-bit block kernels for few rows, an expanded bf16 GEMM from ~16, quant/prefill.py)."""
+    pts = list(cost)
+    if len(pts) == 1:
+        return pts[0][1]
+    for (n0, s0), (n1, s1) in zip(pts, pts[1:]):
+        if n_tokens <= n1 or (n1, s1) == pts[-1]:
+            return max(s0 + (s1 - s0) * (n_tokens - n0) / (n1 - n0), 0.0)
+    raise AssertionError("unreachable")
+
+
 def prefer_cpu(
-    miss_policy: str, n_tokens: int, cpu_cost: tuple[float, float] | None, copy_s: float | None, device_free: bool
+    miss_policy: str,
+    n_tokens: int,
+    cpu_cost: Sequence[tuple[int, float]] | None,
+    copy_s: float | None,
+    device_free: bool,
 ) -> bool:
     """Whether a missing expert needed by `n_tokens` tokens runs on the CPU rather than being fetched.
 
-    "auto" compares measured costs: the CPU's (1 token, then per extra token) against the copy, plus the compute
-    when the "device" is this same CPU (`device_free` False); a GPU computes a resident expert almost for free."""
+    "auto" compares measured costs: the CPU's (`cpu_seconds` of the measured points) against the copy, plus the
+    compute when the "device" is this same CPU (`device_free` False); a GPU computes a resident expert almost for
+    free."""
     if miss_policy != "auto":
         return miss_policy == "cpu"
     assert cpu_cost is not None and copy_s is not None, "miss_policy='auto' needs measured costs"
-    cpu_s = cpu_cost[0] + cpu_cost[1] * (n_tokens - 1)
+    cpu_s = cpu_seconds(cpu_cost, n_tokens)
     return cpu_s <= copy_s + (0.0 if device_free else cpu_s)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from offload.policy import SlotLRU, prefetch_plan
+from offload.policy import SlotLRU, cpu_seconds, prefer_cpu, prefetch_plan
 from offload.sim import accesses, prediction_accuracy, simulate_belady, simulate_lfu, simulate_lru, simulate_prefetch
 from offload.trace import TraceRecorder, read_trace
 
@@ -155,3 +155,16 @@ def test_trace_roundtrip_and_cli(tmp_path, capsys):
                          capture_output=True, text=True).stdout  # fmt: skip
     rep = json.loads(out)
     assert set(rep["sizes"]) == {"1", "2"} and rep["calls"] == 4
+
+
+def test_cpu_cost_follows_the_measured_points_not_one_slope():
+    """The CPU's cost of an expert is interpolated between the measured token counts (the 8-bit kernels' steep
+    slope below ~16 rows, the expanded bf16 GEMM's shallow one above), so a large prefill group is not priced as
+    if every token cost what a decode token does."""
+    pts = [(1, 1.0), (8, 8.0), (64, 10.0)]
+    assert [cpu_seconds(pts, n) for n in (1, 4, 8, 36, 64, 120)] == [1.0, 4.0, 8.0, 9.0, 10.0, 12.0]
+    assert cpu_seconds([(1, 2.5)], 100) == 2.5
+    # a copy costing 9.5 s: 36 tokens run on the CPU, 64 are fetched (one slope through 1 and 8 would fetch both)
+    assert prefer_cpu("auto", 36, pts, copy_s=9.5, device_free=True)
+    assert not prefer_cpu("auto", 64, pts, copy_s=9.5, device_free=True)
+    assert prefer_cpu("cpu", 64, None, None, device_free=True) and not prefer_cpu("fetch", 1, None, None, True)
