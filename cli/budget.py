@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -72,22 +74,38 @@ def planner_device(device: str | None) -> str:
 def model_sizes(path: Path | str, device: str) -> Any:
     """The planner's view of a GGUF (metadata and tensor sizes only), for the compute dtype lite.load uses."""
     from offload.planner import model_sizes as sizes_of
-    from quant.gguf_file import GGUFFile
 
-    f = GGUFFile(str(path))
+    f = _gguf(str(path))
     cuda = device.startswith("cuda")
     return sizes_of(f.metadata, f.tensors, 2 if cuda else 4, "cuda" if cuda else "cpu")
+
+
+def _gguf(path: str) -> Any:
+    """The GGUF's header, parsed once for the several questions a command asks before loading (again if the file
+    changed)."""
+    try:
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size)
+    except OSError:  # GGUFFile says what is wrong with the path
+        stamp = None
+    return _parsed(path, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed(path: str, stamp: tuple[int, int] | None) -> Any:
+    from quant.gguf_file import GGUFFile
+
+    return GGUFFile(path)
 
 
 def cache_dtype_bytes(path: Path | str, device: str, dtype: Any = None) -> int:
     """Bytes per latent-cache value: `dtype`'s, else what lite.load would choose for this file on `device`."""
     from lite.cache import default_cache_dtype, is_quantized
-    from quant.gguf_file import GGUFFile
 
     if dtype is not None:
         return int(dtype.itemsize)
     cuda = device.startswith("cuda")
-    return default_cache_dtype("cuda" if cuda else "cpu", quantized=is_quantized(GGUFFile(str(path)).tensors)).itemsize
+    return default_cache_dtype("cuda" if cuda else "cpu", quantized=is_quantized(_gguf(str(path)).tensors)).itemsize
 
 
 def expert_slots(value: str, sizes: Any) -> int:

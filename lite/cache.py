@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from lite.config import ModelArgs
+from quant.formats import FLOAT_TYPES
+from quant.prefill import gemm_dtype
 
 
 def default_cache_dtype(
@@ -20,16 +22,12 @@ def default_cache_dtype(
     if torch.device(device).type == "cuda":
         return torch.bfloat16
     if dtype == torch.float32 and quantized:
-        from quant.prefill import gemm_dtype
-
         return gemm_dtype()
     return dtype
 
 
 def is_quantized(tensors: Mapping[str, Any]) -> bool:
     """Whether any weight of a GGUF's tensors (`quant.gguf_file.TensorRef`s) is in a block type (not F32/F16/BF16)."""
-    from quant.formats import FLOAT_TYPES
-
     return any(getattr(t, "qtype", None) not in (None, *FLOAT_TYPES) for t in tensors.values())
 
 

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from quant import native
-from quant.formats import dequantize
 
 Q = gguf.GGMLQuantizationType
 
@@ -63,15 +62,16 @@ def gemm_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-@functools.cache
-def _native_expand() -> frozenset[Q]:
-    return frozenset(Q(v) for v in native.DEQUANT_QTYPES.values())
-
-
 _scratch = threading.local()  # one reusable expansion buffer per thread: no page faults per weight
+# The largest expansion kept for reuse (an expert's fused gate+up is 11 MiB in bf16 for V2-Lite, 30 MiB for V2); a
+# larger one (a dense layer's MLP, the output head when every position's logits are wanted) is allocated per call
+# and freed, so no process keeps hundreds of MiB of scratch after one long prefill.
+SCRATCH_MAX_BYTES = 64 << 20
 
 
 def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    if numel * dtype.itemsize > SCRATCH_MAX_BYTES:
+        return torch.empty(numel, dtype=dtype)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel or buf.dtype != dtype:
         buf = _scratch.buf = torch.empty(numel, dtype=dtype)
@@ -79,11 +79,9 @@ def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def expand(raw: torch.Tensor, qtype: Q, shape: tuple[int, int], dtype: torch.dtype, out: torch.Tensor) -> None:
-    """Write the (N, K) weight held in `raw` into `out` ((N, K), `dtype`): natively where the type allows."""
-    if native.available() and qtype in _native_expand():
-        native.dequantize(raw, int(qtype), *shape, out=out)
-    else:
-        out.copy_(dequantize(raw, qtype, shape))
+    """Write the (N, K) weight held in `raw` into `out` ((N, K), `dtype`). Callers run this path only for weights the
+    native kernels take (`QMatrix._native`, `ExpertWeights.native`), every one of which the native expander takes."""
+    native.dequantize(raw, int(qtype), *shape, out=out)
 
 
 def gguf_linear(x: torch.Tensor, raw: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> torch.Tensor:

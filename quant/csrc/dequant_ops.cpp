@@ -181,19 +181,6 @@ static bool rows(const uint8_t* raw, int qtype, int bs, int bytes, int64_t K, in
 
 namespace {
 
-bool has_avx512() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    static const bool yes = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-    }();
-    return yes;
-#else
-    return false;
-#endif
-}
-
 void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out, int64_t isa) {
     const TypeTraits* t = type_traits((int)qtype);
     TORCH_CHECK(t && t->dequantize, "cannot dequantize GGUF type id ", qtype, " natively");
@@ -206,7 +193,8 @@ void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out
                 "raw must be ", N * (K / t->block) * t->bytes, " contiguous bytes, got ", raw.numel());
     const uint8_t* src = raw.data_ptr<uint8_t>();
     void* dst = out.data_ptr();
-    const bool wide = has_avx512() && (isa < 0 || isa >= ISA_AVX512VNNI); // isa: LITE_NATIVE_ISA's cap
+    // the hand-written forms need AVX-512 (F/BW/VL): the level the kernels detected once, capped by LITE_NATIVE_ISA
+    const bool wide = (isa < 0 ? best_isa() : std::min<int64_t>(isa, best_isa())) >= ISA_AVX512VNNI;
     // ~64K values per task: enough to amortise a task, small enough to keep both threads busy on one expert
     const int64_t grain = std::max<int64_t>(1, 65536 / K);
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
