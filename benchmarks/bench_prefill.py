@@ -1,7 +1,7 @@
 """Prompt processing (prefill) speed of lite vs llama.cpp on the same GGUF, on the CPU.
 
     python benchmarks/bench_prefill.py --model /tmp/v2lite_27.gguf [--prompt 512] [--rounds 3] [--threads 2]
-    python benchmarks/bench_prefill.py --kernels    # one expert: 8-bit block kernels vs expand + bf16 GEMM, by rows
+    python benchmarks/bench_prefill.py --kernels    # one expert: 8-bit block kernels vs the int8 / bf16 GEMMs, by rows
     python benchmarks/bench_prefill.py --profile    # where lite's prefill spends its time (torch.profiler)
 
 Both engines load the file once and prefill the same fixed pseudo-random prompt of `--prompt` tokens from an
@@ -15,6 +15,7 @@ repack path (AMX off), which is llama.cpp at its best on this CPU.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -90,9 +91,23 @@ def kernels(args: argparse.Namespace) -> None:
     types = {"gate": Q.Q4_K, "up": Q.Q4_K, "down": Q[args.down]}
     w = {k: (native.quantize(torch.randn(s) * 0.02, int(types[k])).reshape(-1), types[k], s) for k, s in shapes.items()}
 
-    def int8(x: torch.Tensor) -> torch.Tensor:
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # the 8-bit block kernels (decode's)
         mm = {k: (lambda v, k=k: native.gguf_matmul(v, w[k][0], int(w[k][1]), *w[k][2])) for k in w}
         return mm["down"](F.silu(mm["gate"](x)) * mm["up"](x))
+
+    def gemm(kind: str):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            os.environ["LITE_PREFILL_GEMM"] = kind
+            return prefill.swiglu(x, w["gate"], w["up"], w["down"])
+
+        return run
+
+    def cpu_ms(fn, x: torch.Tensor) -> float:  # CPU time: stable on a shared machine at 1 thread
+        fn(x)
+        t0 = time.process_time()
+        for _ in range(10):
+            fn(x)
+        return (time.process_time() - t0) * 100
 
     def ms(fn, x: torch.Tensor) -> float:
         fn(x)
@@ -104,11 +119,24 @@ def kernels(args: argparse.Namespace) -> None:
         return statistics.median(ts) * 1e3
 
     print(f"threads {args.threads}, load average {load_avg()}; one expert (gate/up Q4_K, down {args.down}), ms")
+    kinds = ["int8", "bf16"] if prefill._vnni() else ["bf16"]
     for m in args.rows:
         x = torch.randn(m, hidden)
-        a = ms(int8, x)
-        b = ms(lambda v: prefill.swiglu(v, w["gate"], w["up"], w["down"]), x)
-        print(f"rows {m:4d}: 8-bit kernels {a:8.2f}  expand+bf16 {b:8.2f}  ({a / b:.2f}x)", flush=True)
+        a = ms(blocks, x)
+        gemms = "  ".join(f"{k} GEMM {ms(gemm(k), x):8.2f}" for k in kinds)
+        print(f"rows {m:4d}: 8-bit kernels {a:8.2f}  {gemms}", flush=True)
+    if not prefill._vnni():
+        return
+    print("one 2048x2048 weight, CPU ms: 8-bit kernel / int8 GEMM (prefill.INT8_FROM_ROWS)")
+    for qtype in (Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.Q4_0):
+        raw = native.quantize(torch.randn(2048, 2048) * 0.02, int(qtype)).reshape(-1)
+        cells = []
+        for m in (4, 6, 8, 10, 12, 14, 16):
+            x = torch.randn(m, 2048)
+            a = cpu_ms(lambda v, r=raw, t=qtype: native.gguf_matmul(v, r, int(t), 2048, 2048), x)
+            b = cpu_ms(lambda v, r=raw, t=qtype: prefill.int8_linear(prefill.quantize_acts(v), r, t, (2048, 2048)), x)
+            cells.append(f"{m}: {a:.2f}/{b:.2f}")
+        print(f"{qtype.name:5s} " + "  ".join(cells), flush=True)
 
 
 def profile(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lite.cache import LatentCache
 from lite.config import ModelArgs
 from lite.rope import Rope
+from quant.prefill import bucket_rows
 
 Linear = Callable[[torch.Tensor], torch.Tensor]  # y = x @ W.T (a quant.qmatrix.QMatrix)
 
@@ -121,33 +122,54 @@ def route(
 
 
 SCORE_BUDGET = 1 << 25  # score elements per block of queries (128 MB in float32): bounds long-prefill memory
-CAUSAL_BLOCK = 128  # queries per block at most (see attend_latent)
+CAUSAL_BLOCK = 128  # queries per block at most (see attend)
 
 
-def attend_latent(query: torch.Tensor, kv: torch.Tensor, start: int, r: int) -> torch.Tensor:
-    """Causal attention of query [H, T, D] (at positions start..start+T) over latent rows kv [S, D], S = start+T.
-
-    All heads share one key (the whole row [c | k_rope]) and one value (c = its first r values), so each block
-    is two plain matmuls over the cache. Returns the attended latent [H, T, r].
-    """
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of query [H, T, Dk] (at positions start..start+T) over the first S = start+T rows of keys /
+    values: [S, D] shared by all heads (the latent rows: one plain matmul per block), or [H, S', D] per head with
+    S' >= S (rows past S are never seen). Returns [H, T, Dv]."""
     H, T, _ = query.shape
-    S = kv.shape[0]
+    S = start + T
+    shared = keys.dim() == 2
     # queries per block: within the score budget, and at most CAUSAL_BLOCK so that a long prefill skips the rows
     # no query of a block may see (about half the work of a prompt's causal triangle)
     block = max(1, min(SCORE_BUDGET // (H * S), CAUSAL_BLOCK))
     out = []
     for t0 in range(0, T, block):
-        q = query[:, t0 : t0 + block]  # [H, t, D]
+        q = query[:, t0 : t0 + block]  # [H, t, Dk]
         t = q.shape[1]
         seen = start + t0 + t  # rows 0..seen-1: the last query of the block sees them all
-        scores = (q.reshape(H * t, -1) @ kv[:seen].T).view(H, t, seen)
-        if t > 1:  # causal: query t0+i sees rows 0..start+t0+i
-            rows = torch.arange(seen, device=kv.device)
-            future = rows[None, :] > (start + t0 + torch.arange(t, device=kv.device))[:, None]  # [t, seen]
+        if shared:
+            scores = (q.reshape(H * t, -1) @ keys[:seen].T).view(H, t, seen)
+        else:
+            # per head: a few bmm shapes only (oneDNN keeps ~1 MiB per shape it meets, for the life of the process):
+            # queries padded to `bucket_rows`, rows to `bucket_rows` within the given S' (the padding is masked)
+            tb, seen = bucket_rows(t), min(bucket_rows(seen), keys.shape[1])
+            q = F.pad(q, (0, 0, 0, tb - t)) if tb != t else q
+            scores = torch.bmm(q, keys[:, :seen].transpose(1, 2))  # [H, tb, seen]
+        if scores.shape[1] > 1 or seen > start + t0 + t:  # causal: query t0+i sees rows 0..start+t0+i
+            rows = torch.arange(seen, device=keys.device)
+            future = rows[None, :] > (start + t0 + torch.arange(scores.shape[1], device=keys.device))[:, None]
             scores = scores.masked_fill(future, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(kv.dtype)  # [H, t, seen]
-        out.append((probs.view(H * t, seen) @ kv[:seen, :r]).view(H, t, r))
+        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)  # [H, t, seen]
+        if shared:
+            out.append((probs.view(H * t, seen) @ values[:seen]).view(H, t, -1))
+        else:
+            out.append(torch.bmm(probs, values[:, :seen])[:, :t])
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def expand_heads(args: ModelArgs, T: int, start: int) -> bool:
+    """Whether attention for T new queries after `start` cached rows costs less with the latent rows expanded into
+    per-head keys and values (as transformers computes it) than with W_UK/W_UV absorbed into queries and outputs.
+
+    Multiply-adds per head, S = start + T rows, each query seeing ~start + T/2 of them: expanding costs
+    S·r·(n + v) + T·(start + T/2)·(n + p + v); absorbing T·r·(n + v) + T·(start + T/2)·(2r + p). A prompt (T in
+    the hundreds) expands; decode (T = 1) over a long cache absorbs."""
+    n, v, p, r = args.qk_nope_head_dim, args.v_head_dim, args.qk_rope_head_dim, args.kv_lora_rank
+    seen = start + T / 2
+    return (start + T) * r * (n + v) + T * seen * (n + p + v) < T * r * (n + v) + T * seen * (2 * r + p)
 
 
 class Transformer:
@@ -163,7 +185,7 @@ class Transformer:
         """x [T, hidden] (normed) -> [T, hidden]; writes the T new latent rows into the cache."""
         a, args = self.weights.layers[layer].attn, self.args
         T, H = x.shape[0], args.num_attention_heads
-        n, p, r = args.qk_nope_head_dim, args.qk_rope_head_dim, args.kv_lora_rank
+        n, p, r, v = args.qk_nope_head_dim, args.qk_rope_head_dim, args.kv_lora_rank, args.v_head_dim
         eps = args.rms_norm_eps
 
         q, c, k_rope = a.q_kv_a(x).split([a.q_dim, r, p], dim=-1)  # [T, q_dim], [T, r], [T, p]
@@ -176,12 +198,24 @@ class Transformer:
         latent = torch.cat([rms_norm(c, a.kv_a_norm, eps), Rope.rotate(k_rope, cis)], dim=-1)  # [T, D]
         kv = cache.write(layer, start, latent.to(cache.dtype))  # [S, D]: every cached row, a view
 
-        q_lat = torch.bmm(q_nope.transpose(0, 1), a.k_b)  # [H, T, n] @ [H, n, r] -> [H, T, r]
         q_rope = Rope.rotate(q_rope, cis).transpose(0, 1)  # [H, T, p]
-        query = (torch.cat([q_lat, q_rope], dim=-1) * self.scale).to(kv.dtype)  # [H, T, D]
-
-        o_lat = attend_latent(query, kv, start, r).to(x.dtype)  # [H, T, r]
-        o = torch.bmm(o_lat, a.v_b)  # [H, T, r] @ [H, r, v] -> [H, T, v]
+        if expand_heads(args, T, start):
+            # keys [H, S', n + p] and values [H, S', v] from every cached row (S' = bucket_rows(S): few GEMM shapes,
+            # zero rows past S): two GEMMs in the cache's dtype
+            S, dt = kv.shape[0], kv.dtype
+            rows = F.pad(kv, (0, 0, 0, bucket_rows(S) - S))  # [S', D]
+            c = rows[:, :r]  # [S', r]
+            k_nope = (c @ a.k_b.reshape(H * n, r).to(dt).T).view(-1, H, n).transpose(0, 1)  # [H, S', n]
+            keys = torch.cat([k_nope, rows[None, :, r:].expand(H, -1, p)], dim=-1)  # [H, S', n + p]
+            w_uv = a.v_b.transpose(1, 2).reshape(H * v, r).to(dt)  # [H·v, r]
+            values = (c @ w_uv.T).view(-1, H, v).transpose(0, 1).contiguous()  # [H, S', v]
+            query = (torch.cat([q_nope.transpose(0, 1), q_rope], dim=-1) * self.scale).to(dt)  # [H, T, n + p]
+            o = attend(query, keys, values, start).to(x.dtype)  # [H, T, v]
+        else:
+            q_lat = torch.bmm(q_nope.transpose(0, 1), a.k_b)  # [H, T, n] @ [H, n, r] -> [H, T, r]
+            query = (torch.cat([q_lat, q_rope], dim=-1) * self.scale).to(kv.dtype)  # [H, T, D]
+            o_lat = attend(query, kv, kv[:, :r], start).to(x.dtype)  # [H, T, r]
+            o = torch.bmm(o_lat, a.v_b)  # [H, T, r] @ [H, r, v] -> [H, T, v]
         return a.out(o.transpose(0, 1).reshape(T, -1))  # [T, H·v] -> [T, hidden]
 
     def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,8 @@ from quant.qmatrix import cpu_kernel, device_kernels_forced, native_types
 DISK_READS_PER_PREFETCH = 0
 
 
-# Token counts at which miss_policy="auto" times one expert on the CPU: the 8-bit kernels (1, 8) and the expanded
-# bf16 GEMM (64) that prefill takes from 16 rows (quant/prefill.py); `policy.cpu_seconds` interpolates.
+# Token counts at which miss_policy="auto" times one expert on the CPU: the 8-bit kernels (1, 8) and the int8 or
+# bf16 GEMM (64) that prefill takes from 12-16 rows (quant/prefill.py); `policy.cpu_seconds` interpolates.
 CALIBRATION_TOKENS = (1, 8, 64)
 
 

@@ -41,8 +41,9 @@ class ExpertWeights:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [n, hidden] -> [n, hidden]; SwiGLU like the model's dense MLPs
-        if x.dim() == 2 and x.shape[0] >= prefill.SWIGLU_FROM_ROWS and self.native:  # prefill: bf16 GEMMs, fused
-            return prefill.swiglu(x, self.gate.gguf_weight, self.up.gguf_weight, self.down.gguf_weight)
+        if x.dim() == 2 and x.shape[0] >= prefill.SWIGLU_MIN_ROWS and self.native:  # prefill: GEMMs
+            if x.shape[0] >= prefill.swiglu_from_rows(*self.gate.gguf_weight[1:]):
+                return prefill.swiglu(x, self.gate.gguf_weight, self.up.gguf_weight, self.down.gguf_weight)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
     @property

@@ -120,7 +120,7 @@ def next_slot(lru: SlotLRU, key: Key, remaining: set[Key]) -> tuple[int, Key | N
 def cpu_seconds(cost: Sequence[tuple[int, float]], n_tokens: int) -> float:
     """An expert's CPU time for `n_tokens` tokens from measured (tokens, seconds) points, ascending in tokens:
     piecewise linear between them, the last segment's slope beyond (the CPU kernels change at a row count, so one
-    slope does not fit: 8-bit block kernels for few rows, an expanded bf16 GEMM from ~16, quant/prefill.py)."""
+    slope does not fit: 8-bit block kernels for few rows, an int8 or bf16 GEMM from ~12-16, quant/prefill.py)."""
     pts = list(cost)
     if len(pts) == 1:
         return pts[0][1]

@@ -60,6 +60,7 @@ _SOURCES = [
     "quantize_legacy.cpp",
     "quantize_kquants.cpp",
     "dequant_ops.cpp",
+    "int8_gemm.cpp",
 ]
 _CSRC = Path(__file__).with_name("csrc")
 _lock = threading.Lock()

@@ -1,26 +1,35 @@
-"""Many rows times a GGUF weight on the CPU, at matrix speed: expand the weight to bf16, then one GEMM.
+"""Many rows times a GGUF weight on the CPU, at matrix speed.
 
 Decode (one row) is bound by memory: the 8-bit block kernels (quant/native.py) read the weight once in its compact
-form and win. Prefill multiplies each weight by tens to hundreds of rows and is bound by arithmetic, where the
-block kernels reach ~150-300 GFLOP/s on two cores and oneDNN's bf16 GEMM (AVX512-BF16, or AMX tiles where the CPU
-has them) ~600-900. The native expander (`native.dequantize`: ~0.1 ns per weight per thread) makes the detour
-cheap: for an expert multiplied by 48 tokens, expanding costs about a fifth of the GEMM. `FROM_ROWS` gives the
-row count from which this path is taken, per type (measured by `benchmarks/bench_prefill.py --kernels`).
+form and win. Prefill multiplies each weight by tens to hundreds of rows and is bound by arithmetic; two GEMMs serve
+it, chosen per CPU by `gemm_kind` ($LITE_PREFILL_GEMM=int8|bf16 overrides):
 
-The activations are rounded to bf16 for the GEMM (float32 accumulation), as AMX/oneDNN prefill does in other
-engines; decode keeps the exact 8-bit-activation kernels, and an f32 GGUF never comes here (dense float weights).
+- "int8" (AVX512-VNNI without AMX: Zen 4/5, Ice Lake): quant/csrc/int8_gemm.cpp decodes the weight a panel at a
+  time, requantizes it to 8 bits per 128 values, and multiplies 8-bit activations with vpdpbusd, twice the
+  multiply-adds per instruction of bf16 (~1.7 vs ~0.85 TOP/s on two Zen 5 cores). Like llama.cpp's K-quant path it
+  quantizes the activations to 8 bits in blocks, so its error is that of the 8-bit decode kernels; Q8_0 weights, whose
+  own error is smaller than that, keep the bf16 GEMM.
+- "bf16" (AMX, AVX512-BF16, else float32): the weight expanded to bf16 by the native expander (~0.1 ns per weight per
+  thread), then oneDNN's GEMM (AMX tiles where the CPU has them). The activations are rounded to bf16 (float32
+  accumulation), as AMX/oneDNN prefill does in other engines.
+
+`from_rows` gives the row count from which these paths beat the 8-bit kernels, per type (measured by
+`benchmarks/bench_prefill.py --kernels`). Decode keeps the 8-bit kernels; an f32 GGUF never comes here.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from pathlib import Path
 
 import gguf
 import torch
 import torch.nn.functional as F
 
 from quant import native
+from quant.errors import LiteError
 
 Q = gguf.GGMLQuantizationType
 
@@ -29,9 +38,56 @@ Q = gguf.GGMLQuantizationType
 # kernel) at ~20; the types without a hand-written expander (0.4-1 ns per weight through the type table) later.
 FROM_ROWS = {Q.Q8_0: 12, Q.Q4_0: 12, Q.Q5_0: 12, Q.Q4_K: 20, Q.Q6_K: 12,
              Q.Q5_1: 12, Q.IQ4_NL: 12, Q.IQ4_XS: 16, Q.Q5_K: 24, Q.Q2_K: 24, Q.Q3_K: 32}  # fmt: skip
+# ... and with the int8 GEMM (same machine and measure, `--kernels`): Q6_K crosses at ~6 rows, the 32-value types
+# at ~9, Q4_K at ~13.
+INT8_FROM_ROWS = {**FROM_ROWS, Q.Q4_0: 10, Q.Q5_0: 10, Q.Q4_K: 14, Q.Q6_K: 8}
 # ... and for a whole expert (gate/up Q4_K, down Q8_0 or Q5_0: `bench_prefill.py --kernels`), where fusing gate
-# and up into one GEMM moves the crossover to ~14 rows.
+# and up into one GEMM moves the crossover to ~14 rows (bf16) / ~12 (int8).
 SWIGLU_FROM_ROWS = 16
+INT8_SWIGLU_FROM_ROWS = 12
+SWIGLU_MIN_ROWS = min(SWIGLU_FROM_ROWS, INT8_SWIGLU_FROM_ROWS)  # below it, no need to ask `swiglu_from_rows`
+GEMM_KINDS = ("int8", "bf16")
+# Q8_0's own rounding is finer than 8-bit activations per 128 values: it keeps the bf16 GEMM.
+_INT8_SKIP = {Q.Q8_0}
+
+
+@functools.cache
+def _has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@functools.cache
+def _vnni() -> bool:
+    return native.available() and native.best_isa() == "avx512"
+
+
+def gemm_kind() -> str:
+    """ "int8" or "bf16": $LITE_PREFILL_GEMM, else int8 on AVX512-VNNI CPUs without AMX, else bf16."""
+    kind = os.environ.get("LITE_PREFILL_GEMM") or ("int8" if _vnni() and not _has_amx() else "bf16")
+    if kind not in GEMM_KINDS:
+        raise LiteError(f"unknown prefill GEMM {kind!r}: use one of {', '.join(GEMM_KINDS)} (LITE_PREFILL_GEMM)")
+    if kind == "int8" and not _vnni():
+        raise LiteError("LITE_PREFILL_GEMM=int8 needs a CPU with AVX512-VNNI; unset it to use bf16")
+    return kind
+
+
+def _int8(qtype: Q, shape: tuple[int, int]) -> bool:
+    """The int8 GEMM takes this weight: chosen, not Q8_0, N a multiple of 16 and K of 64 (its tiles)."""
+    return qtype not in _INT8_SKIP and shape[0] % 16 == 0 and shape[1] % 64 == 0 and gemm_kind() == "int8"
+
+
+def from_rows(qtype: Q, shape: tuple[int, int]) -> int:
+    """Rows of x from which `gguf_linear` beats the 8-bit block kernels for this weight."""
+    return (INT8_FROM_ROWS if _int8(qtype, shape) else FROM_ROWS).get(qtype, 1 << 62)
+
+
+def swiglu_from_rows(gate_qtype: Q, gate_shape: tuple[int, int]) -> int:
+    """Rows from which an expert takes `swiglu` rather than three 8-bit kernel calls."""
+    return INT8_SWIGLU_FROM_ROWS if _int8(gate_qtype, gate_shape) else SWIGLU_FROM_ROWS
+
 
 # oneDNN, which runs torch's bf16 GEMMs on the CPU, builds and caches (up to 1024) a primitive for every shape
 # it meets, ~0.6 MiB each: a chat's prefill chunks of 96..128 rows grew the process by 100 MiB over a few hundred
@@ -84,8 +140,23 @@ def expand(raw: torch.Tensor, qtype: Q, shape: tuple[int, int], dtype: torch.dty
     native.dequantize(raw, int(qtype), *shape, out=out)
 
 
+def quantize_acts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> its 8-bit codes (in the int8 GEMM's tile layout) and scales, for `int8_linear` calls that share x."""
+    return torch.ops.lite_gguf.quantize_acts_u8(x.float().contiguous())
+
+
+def int8_linear(
+    qx: tuple[torch.Tensor, torch.Tensor], raw: torch.Tensor, qtype: Q, shape: tuple[int, int]
+) -> torch.Tensor:
+    """float32 [M, N] = x @ W.T, x as `quantize_acts` gave it, W (N, K) as GGUF bytes (int8_gemm.cpp)."""
+    return torch.ops.lite_gguf.int8_linear(*qx, raw, int(qtype), shape[0])
+
+
 def gguf_linear(x: torch.Tensor, raw: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, W (N, K) given as GGUF bytes: expanded once, one GEMM."""
+    """x [M, K] @ W.T -> [M, N] in x's dtype, W (N, K) given as GGUF bytes: the int8 GEMM, or W expanded to bf16
+    once and one bf16 GEMM."""
+    if _int8(qtype, shape):
+        return int8_linear(quantize_acts(x), raw, qtype, shape).to(x.dtype)
     dtype = gemm_dtype()
     w = _buffer(shape[0] * shape[1], dtype).view(shape)
     expand(raw, qtype, shape, dtype, w)
@@ -98,15 +169,18 @@ def swiglu(
     up: tuple[torch.Tensor, Q, tuple[int, int]],
     down: tuple[torch.Tensor, Q, tuple[int, int]],
 ) -> torch.Tensor:
-    """down(silu(gate x) * up x) for x [M, hidden], each weight as (raw, qtype, shape): gate and up expanded into
-    one buffer and multiplied in one GEMM (half the GEMM calls, one pass over x); the SwiGLU in float32."""
-    dtype = gemm_dtype()
+    """down(silu(gate x) * up x) for x [M, hidden], each weight as (raw, qtype, shape); the SwiGLU in float32.
+    int8: x quantized once for gate and up. bf16: gate and up expanded into one buffer and multiplied in one GEMM
+    (half the GEMM calls, one pass over x)."""
     inter, hidden = gate[2]
-    buf = _buffer(2 * inter * hidden, dtype).view(2 * inter, hidden)
-    expand(*gate[:2], gate[2], dtype, buf[:inter])
-    expand(*up[:2], up[2], dtype, buf[inter:])
-    gu = linear(x.to(dtype), buf).float()  # [M, 2 * inter]
-    h = F.silu(gu[:, :inter]) * gu[:, inter:]
-    w = _buffer(down[2][0] * down[2][1], dtype).view(down[2])  # the gate/up expansion is no longer needed
-    expand(*down[:2], down[2], dtype, w)
-    return linear(h.to(dtype), w).to(x.dtype)
+    if _int8(*gate[1:]) and _int8(*up[1:]):
+        qx = quantize_acts(x)
+        h = F.silu(int8_linear(qx, *gate)) * int8_linear(qx, *up)
+    else:
+        dtype = gemm_dtype()
+        buf = _buffer(2 * inter * hidden, dtype).view(2 * inter, hidden)
+        expand(*gate[:2], gate[2], dtype, buf[:inter])
+        expand(*up[:2], up[2], dtype, buf[inter:])
+        gu = linear(x.to(dtype), buf).float()  # [M, 2 * inter]
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+    return gguf_linear(h, *down).to(x.dtype)

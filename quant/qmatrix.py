@@ -40,9 +40,6 @@ from quant.formats import _as_uint8_tensor, _f16, _k_scale_min, _nibbles, dequan
 Q = gguf.GGMLQuantizationType
 INT4_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 CPU_KERNELS = ("native", "int4pack", "dense")
-# Rows of x from which a "gguf" weight is expanded to bf16 per call and multiplied by a GEMM (quant/prefill.py)
-# instead of the 8-bit kernel, whose cost grows linearly with rows.
-DEQUANT_FROM_ROWS = prefill.FROM_ROWS
 GROUP = 32
 _NO_TENSOR = torch.empty(0)
 _N_ALIGN = 16  # the CPU packer needs out_features % 16 == 0 (CUDA: % 8); smaller or odd shapes are zero-padded
@@ -252,7 +249,8 @@ class QMatrix:
             and native.available()
             and self.qtype in native_types()
         )
-        self._dequant_from = DEQUANT_FROM_ROWS.get(self.qtype, 1 << 62) if self._native else 0
+        # rows of x from which a GEMM (quant/prefill.py) beats the 8-bit kernel, whose cost grows linearly with rows
+        self._dequant_from = prefill.from_rows(self.qtype, self.shape) if self._native else 0
         if self._native:
             self._mm = torch.ops.lite_gguf.matmul
 
@@ -366,7 +364,7 @@ class QMatrix:
                 y = self._mm(
                     x2 if x2.dtype == torch.float32 else x2.float(), self._raw, self._qid, *self.shape, self._isa
                 )
-            elif self._native:  # a large batch: one GEMM on the weight expanded to bf16 for this call
+            elif self._native:  # a large batch: one int8 or bf16 GEMM on the weight decoded for this call
                 y = prefill.gguf_linear(x2, self._raw, self.qtype, self.shape)
             else:  # a type native lacks: a float32 GEMM on the weight dequantized for this call
                 y = F.linear(x2.to(torch.float32), dequantize(self._raw, self.qtype, self.shape))
@@ -382,7 +380,7 @@ class QMatrix:
 
     @property
     def expand_from(self) -> int:
-        """Rows of x from which a native "gguf" weight is expanded to bf16 for one GEMM (quant/prefill.py)."""
+        """Rows of x from which a native "gguf" weight is decoded for one GEMM (quant/prefill.py)."""
         return self._dequant_from if self.layout == "gguf" and self._native else 1 << 62
 
     @property

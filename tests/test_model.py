@@ -275,20 +275,43 @@ def test_load_converted_with_tokenizer(tmp_path_factory):
 
 
 @pytest.mark.parametrize("start", [0, 37])
-def test_attend_latent_blocks_match_causal_softmax(start, monkeypatch):
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared-latent", "per-head"])
+def test_attend_blocks_match_causal_softmax(start, per_head, monkeypatch):
     """Query blocks that skip the rows none of their queries may see compute the causal softmax attention of
-    every query over every cached row (float64 reference, fresh random data)."""
+    every query over every cached row (float64 reference, fresh random data), for keys/values shared by the heads
+    (the latent rows) and per head (expanded)."""
     import lite.model
 
-    H, T, r, p = 3, 300, 16, 8
-    query, kv = torch.randn(H, T, r + p), torch.randn(start + T, r + p)
-    scores = torch.einsum("htd,sd->hts", query.double(), kv.double())
+    H, T, dk, dv = 3, 300, 24, 16
+    query = torch.randn(H, T, dk)
+    if per_head:
+        keys, values = torch.randn(H, start + T, dk), torch.randn(H, start + T, dv)
+    else:
+        kv = torch.randn(start + T, dk)
+        keys, values = kv, kv[:, :dv]
+    scores = torch.einsum("htd,hsd->hts" if per_head else "htd,sd->hts", query.double(), keys.double())
     future = torch.arange(start + T)[None, :] > (start + torch.arange(T))[:, None]
-    ref = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ kv[:, :r].double()
+    ref = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ values.double()
     for block in (lite.model.CAUSAL_BLOCK, 7, 1):
         monkeypatch.setattr(lite.model, "CAUSAL_BLOCK", block)
-        out = lite.model.attend_latent(query, kv, start, r)
+        out = lite.model.attend(query, keys, values, start)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expanded_and_absorbed_attention_agree(lite_model, monkeypatch):
+    """A prompt attends with the latent rows expanded into per-head keys and values (transformers' form), decode
+    with W_UK/W_UV absorbed (MLA's); forcing either for every step gives the same logits, both at parity."""
+    import lite.model
+
+    assert lite.model.expand_heads(lite_model.config, 512, 0)
+    assert not lite.model.expand_heads(lite_model.config, 1, 100)
+    full = lite_model.logits(TOKENS)
+    for forced in (True, False):
+        monkeypatch.setattr(lite.model, "expand_heads", lambda args, T, start, forced=forced: forced)
+        assert_parity(lite_model.logits(TOKENS), full)
+        session = lite_model.session(32)
+        session.feed(TOKENS[:5])
+        assert_parity(session.feed(TOKENS[5:], all_logits=True), full[5:])
 
 
 def test_default_cache_dtype_follows_the_weights_and_the_cpu(hf_lite, tiny_q4_gguf, tmp_path):

@@ -1,5 +1,6 @@
 """CPU prefill at matrix speed (quant/prefill.py): the native expander is bit-identical to gguf-py's dequantizer,
-and the bf16 GEMMs built on it stay within bf16's rounding of the exact product."""
+and the bf16 GEMMs built on it stay within bf16's rounding of the exact product (the int8 GEMM:
+tests/test_int8_gemm.py)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _within_bf16(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, roundings: i
 
 @needs_native
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K, Q.Q4_0, Q.Q5_K], ids=lambda t: t.name)
-def test_gguf_linear_is_a_bf16_gemm_of_the_exact_weight(qtype: Q) -> None:
+def test_gguf_linear_is_a_bf16_gemm_of_the_exact_weight(qtype: Q, monkeypatch) -> None:
+    monkeypatch.setenv("LITE_PREFILL_GEMM", "bf16")  # the int8 GEMM: tests/test_int8_gemm.py
     rng = np.random.default_rng()
     n, k, m = 48, 512, int(rng.integers(16, 80))
     raw = _blocks(qtype, n, k, rng)
@@ -78,9 +80,10 @@ def test_gguf_linear_is_a_bf16_gemm_of_the_exact_weight(qtype: Q) -> None:
 
 
 @needs_native
-def test_expert_prefill_is_the_swiglu_of_the_exact_weights() -> None:
+def test_expert_prefill_is_the_swiglu_of_the_exact_weights(monkeypatch) -> None:
     """An expert called with many rows takes the fused bf16 path; with few, the 8-bit kernels: both compute
     down(silu(gate x) * up x) of the stored weights, within their rounding."""
+    monkeypatch.setenv("LITE_PREFILL_GEMM", "bf16")  # the int8 GEMM: tests/test_int8_gemm.py
     rng = np.random.default_rng()
     hidden, inter = 512, 256
     types = (Q.Q4_K, Q.Q4_K, Q.Q8_0)

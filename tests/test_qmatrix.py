@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from test_quant_formats import random_raw
 
-from quant import native
+from quant import native, prefill
 from quant.errors import LiteError
 from quant.formats import dequantize, quantize
-from quant.qmatrix import DEQUANT_FROM_ROWS, INT4_TYPES, NATIVE_TYPES, QMatrix
+from quant.qmatrix import INT4_TYPES, NATIVE_TYPES, QMatrix
 
 Q = gguf.GGMLQuantizationType
 U = 2.0**-8  # bf16 keeps 8 significant bits: one rounding to bf16 has relative error <= 2^-8 (unit roundoff)
@@ -190,12 +190,13 @@ def test_gguf_layout_is_zero_copy_and_runs_the_native_kernel(qtype: Q, tmp_path)
 
 @needs_native
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
-def test_gguf_large_batches_use_a_bf16_gemm(qtype: Q) -> None:
+def test_gguf_large_batches_use_a_bf16_gemm(qtype: Q, monkeypatch) -> None:
+    monkeypatch.setenv("LITE_PREFILL_GEMM", "bf16")
     n, k = 40, 256
     raw = native_raw(qtype, n, k, seed=7)
     qm = QMatrix.from_gguf(raw, qtype, (n, k))
     w = dequantize(raw, qtype, (n, k)).double()
-    x = torch.randn(DEQUANT_FROM_ROWS[qtype], k, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(prefill.from_rows(qtype, (n, k)), k, generator=torch.Generator().manual_seed(3))
     y, ref = qm(x).double(), x.double() @ w.T
     # x and the dequantized w are each rounded to bf16 and y is rounded to bf16; float32 accumulation
     bound = 1.01 * U * (2 * x.double().abs() @ w.abs().T + ref.abs())
@@ -286,4 +287,4 @@ def test_bf16_gemm_rows_are_bucketed():
 
 @needs_native
 def test_every_native_type_has_a_dequantize_threshold() -> None:
-    assert set(NATIVE_TYPES) == set(DEQUANT_FROM_ROWS)
+    assert set(NATIVE_TYPES) == set(prefill.FROM_ROWS) == set(prefill.INT8_FROM_ROWS)

@@ -179,6 +179,17 @@ static bool rows(const uint8_t* raw, int qtype, int bs, int bytes, int64_t K, in
 #endif
 #endif
 
+// Rows [r0, r1) of an (N, K) weight as float32 into `out` (row r at out + (r - r0) * K): the hand-written AVX-512
+// form where `wide` and the type has one, else the type table's. For the int8 prefill GEMM (int8_gemm.cpp).
+void dequantize_rows_f32(const TypeTraits& t, const uint8_t* raw, int64_t K, int64_t r0, int64_t r1, float* out,
+                         bool wide) {
+    const uint8_t* first = raw + r0 * (K / t.block) * t.bytes;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (wide && dq_avx512::rows(first, t.qtype, t.block, t.bytes, K, 0, r1 - r0, out, false)) return;
+#endif
+    table_rows(t, first, K, 0, r1 - r0, out, false);
+}
+
 namespace {
 
 void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out, int64_t isa) {

@@ -70,6 +70,11 @@ namespace avx512 { LITE_KERNEL_TYPES(LITE_DECLARE_KERNEL) }
 void quantize_row_q8_0(const float* x, int64_t K, int8_t* qs, float* d, int32_t* sums);
 void quantize_row_q8_K(const float* x, int64_t K, int8_t* qs, float* d, int32_t* bsums);
 
+// Rows [r0, r1) of an (N, K) weight in GGUF blocks as float32, row r at out + (r - r0) * K (dequant_ops.cpp);
+// `wide`: the hand-written AVX-512 forms may be used.
+void dequantize_rows_f32(const TypeTraits& t, const uint8_t* raw, int64_t K, int64_t r0, int64_t r1, float* out,
+                         bool wide);
+
 // IEEE half <-> float, round-to-nearest-even (as ggml's GGML_FP32_TO_FP16).
 inline float fp16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
