@@ -123,6 +123,9 @@ def route(
 
 SCORE_BUDGET = 1 << 25  # score elements per block of queries (128 MB in float32): bounds long-prefill memory
 CAUSAL_BLOCK = 128  # queries per block at most (see attend)
+# Values of expanded keys and values at most (256 MiB in bf16): ~26K cached rows for V2-Lite (16 heads), ~3.3K for
+# V2 (128 heads); a longer cache is attended through the latent rows, which need no copy.
+EXPAND_BUDGET = 1 << 27
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int) -> torch.Tensor:
@@ -166,8 +169,11 @@ def expand_heads(args: ModelArgs, T: int, start: int) -> bool:
 
     Multiply-adds per head, S = start + T rows, each query seeing ~start + T/2 of them: expanding costs
     S·r·(n + v) + T·(start + T/2)·(n + p + v); absorbing T·r·(n + v) + T·(start + T/2)·(2r + p). A prompt (T in
-    the hundreds) expands; decode (T = 1) over a long cache absorbs."""
+    the hundreds) expands; decode (T = 1) over a long cache absorbs, and so does any chunk whose expanded rows would
+    exceed EXPAND_BUDGET values."""
     n, v, p, r = args.qk_nope_head_dim, args.v_head_dim, args.qk_rope_head_dim, args.kv_lora_rank
+    if args.num_attention_heads * (start + T) * (n + p + v) > EXPAND_BUDGET:  # the expanded rows must stay small
+        return False
     seen = start + T / 2
     return (start + T) * r * (n + v) + T * seen * (n + p + v) < T * r * (n + v) + T * seen * (2 * r + p)
 

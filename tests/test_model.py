@@ -305,6 +305,9 @@ def test_expanded_and_absorbed_attention_agree(lite_model, monkeypatch):
 
     assert lite.model.expand_heads(lite_model.config, 512, 0)
     assert not lite.model.expand_heads(lite_model.config, 1, 100)
+    monkeypatch.setattr(lite.model, "EXPAND_BUDGET", 10**4)  # the expanded rows would not fit: latent rows
+    assert not lite.model.expand_heads(lite_model.config, 512, 0)
+    monkeypatch.undo()
     full = lite_model.logits(TOKENS)
     for forced in (True, False):
         monkeypatch.setattr(lite.model, "expand_heads", lambda args, T, start, forced=forced: forced)
