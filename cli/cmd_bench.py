@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     used = sorted({r["threads"] for r in result["runs"]}) or [result["threads"]]
     count = f"{used[0]}" if len(used) == 1 else f"{used[0]}–{used[-1]}"
     how = "" if args.threads is not None or governor() is None else " (following the free cores)"
-    table = Table(title=f"{args.repetitions} repetitions, {count} thread{'s' if used[-1] > 1 else ''}{how}")
+    gemm = f", {result['prefill_gemm']} prefill GEMM" if result.get("prefill_gemm") else ""
+    table = Table(title=f"{args.repetitions} repetitions, {count} thread{'s' if used[-1] > 1 else ''}{how}{gemm}")
     for col in ("test", "median", "spread (min – max)", "unit"):
         table.add_column(col, justify="right" if col != "test" else "left")
     table.add_row(f"pp{args.n_prompt}", *fmt(result["pp_tps"]), "tok/s")

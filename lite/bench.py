@@ -16,6 +16,7 @@ import torch
 from lite.errors import ContextTooSmall, LiteError
 from lite.generate import stream_generate
 from lite.sampling import SamplingParams
+from quant import prefill
 
 GREEDY = SamplingParams(temperature=0.0, repeat_penalty=1.0)
 
@@ -90,6 +91,7 @@ def bench(
         "repetitions": repetitions,
         "ctx": ctx,
         "threads": torch.get_num_threads(),
+        "prefill_gemm": prefill.gemm_kind() if model.device.type == "cpu" else None,  # quant/prefill.py
         "runs": runs,
         "pp_tps": summarize([r["pp_tps"] for r in runs]),
         "tg_tps": summarize([r["tg_tps"] for r in runs]),

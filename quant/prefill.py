@@ -2,13 +2,13 @@
 
 Decode (one row) is bound by memory: the 8-bit block kernels (quant/native.py) read the weight once in its compact
 form and win. Prefill multiplies each weight by tens to hundreds of rows and is bound by arithmetic; two GEMMs serve
-it, chosen per CPU by `gemm_kind` ($LITE_PREFILL_GEMM=int8|bf16 overrides):
+it, chosen per CPU by `gemm_kind` (measured once; $LITE_PREFILL_GEMM=int8|bf16 overrides):
 
 - "int8" (AVX512-VNNI without AMX: Zen 4/5, Ice Lake): quant/csrc/int8_gemm.cpp decodes the weight a panel at a
   time, requantizes it to 8 bits per 128 values, and multiplies 8-bit activations with vpdpbusd, twice the
   multiply-adds per instruction of bf16 (~1.7 vs ~0.85 TOP/s on two Zen 5 cores). Like llama.cpp's K-quant path it
-  quantizes the activations to 8 bits in blocks, so its error is that of the 8-bit decode kernels; Q8_0 weights, whose
-  own error is smaller than that, keep the bf16 GEMM.
+  quantizes the activations to 8 bits in blocks; with the weight's requantization its error is ~1.3x that of the
+  8-bit decode kernels (llama.cpp's numerics). Q8_0 weights, whose own error is smaller, keep the bf16 GEMM.
 - "bf16" (AMX, AVX512-BF16, else float32): the weight expanded to bf16 by the native expander (~0.1 ns per weight per
   thread), then oneDNN's GEMM (AMX tiles where the CPU has them). The activations are rounded to bf16 (float32
   accumulation), as AMX/oneDNN prefill does in other engines.
@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from pathlib import Path
+import time
+from collections.abc import Callable
 
 import gguf
 import torch
@@ -51,12 +52,8 @@ GEMM_KINDS = ("int8", "bf16")
 _INT8_SKIP = {Q.Q8_0}
 
 
-@functools.cache
-def _has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+# int8 is chosen only when it measures at least this much faster: bf16 has a third of its rounding error
+INT8_MIN_SPEEDUP = 1.2
 
 
 @functools.cache
@@ -64,9 +61,36 @@ def _vnni() -> bool:
     return native.available() and native.best_isa() == "avx512"
 
 
+@functools.cache
+def _auto_kind() -> str:
+    """Measured once per process: both GEMMs on one V2-Lite expert's gate (Q4_K 1408x2048) times 48 rows, at the
+    current thread count (~20 ms). AMX CPUs run oneDNN's bf16 on tiles and keep bf16; AVX512-VNNI without AMX
+    (Zen 4/5, Ice Lake) measured int8 1.6x faster (benchmarks/README.md, "Prompt processing")."""
+    if not _vnni():
+        return "bf16"
+    g = torch.Generator().manual_seed(0)
+    shape = (1408, 2048)
+    raw = native.quantize(torch.randn(shape, generator=g) * 0.02, int(Q.Q4_K)).reshape(-1)
+    x = torch.randn(48, shape[1], generator=g)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_int8 = best(lambda: int8_linear(quantize_acts(x), raw, Q.Q4_K, shape))
+    t_bf16 = best(lambda: _bf16_linear(x, raw, Q.Q4_K, shape))
+    return "int8" if t_bf16 >= INT8_MIN_SPEEDUP * t_int8 else "bf16"
+
+
 def gemm_kind() -> str:
-    """ "int8" or "bf16": $LITE_PREFILL_GEMM, else int8 on AVX512-VNNI CPUs without AMX, else bf16."""
-    kind = os.environ.get("LITE_PREFILL_GEMM") or ("int8" if _vnni() and not _has_amx() else "bf16")
+    """ "int8" or "bf16": $LITE_PREFILL_GEMM, else int8 where this CPU runs it `INT8_MIN_SPEEDUP` faster (measured
+    once: AVX512-VNNI without AMX), else bf16."""
+    kind = os.environ.get("LITE_PREFILL_GEMM") or _auto_kind()
     if kind not in GEMM_KINDS:
         raise LiteError(f"unknown prefill GEMM {kind!r}: use one of {', '.join(GEMM_KINDS)} (LITE_PREFILL_GEMM)")
     if kind == "int8" and not _vnni():
@@ -157,6 +181,10 @@ def gguf_linear(x: torch.Tensor, raw: torch.Tensor, qtype: Q, shape: tuple[int, 
     once and one bf16 GEMM."""
     if _int8(qtype, shape):
         return int8_linear(quantize_acts(x), raw, qtype, shape).to(x.dtype)
+    return _bf16_linear(x, raw, qtype, shape)
+
+
+def _bf16_linear(x: torch.Tensor, raw: torch.Tensor, qtype: Q, shape: tuple[int, int]) -> torch.Tensor:
     dtype = gemm_dtype()
     w = _buffer(shape[0] * shape[1], dtype).view(shape)
     expand(raw, qtype, shape, dtype, w)

@@ -128,3 +128,15 @@ def test_expert_on_the_int8_gemm(vnni, monkeypatch) -> None:
         qx = prefill.quantize_acts(x)
         h = F.silu(prefill.int8_linear(qx, *ws[0])) * prefill.int8_linear(qx, *ws[1])
         assert torch.equal(prefill.swiglu(x, *ws), prefill.gguf_linear(h, *ws[2]))
+
+
+def test_the_default_is_measured(vnni, monkeypatch) -> None:
+    """Unset, LITE_PREFILL_GEMM is int8 only where it measures INT8_MIN_SPEEDUP faster than bf16 (once a process)."""
+    monkeypatch.delenv("LITE_PREFILL_GEMM", raising=False)
+    try:
+        for speedup, want in ((1e6, "bf16"), (0.0, "int8")):
+            prefill._auto_kind.cache_clear()
+            monkeypatch.setattr(prefill, "INT8_MIN_SPEEDUP", speedup)
+            assert prefill.gemm_kind() == want
+    finally:
+        prefill._auto_kind.cache_clear()
