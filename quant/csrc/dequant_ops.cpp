@@ -50,12 +50,7 @@ void table_rows(const TypeTraits& t, const uint8_t* raw, int64_t K, int64_t r0, 
 } // namespace
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
-#endif
+LITE_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 #include <immintrin.h>
 namespace dq_avx512 {
 
@@ -172,11 +167,7 @@ static bool rows(const uint8_t* raw, int qtype, int bs, int bytes, int64_t K, in
     return true;
 }
 } // namespace dq_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+LITE_TARGET_POP
 #endif
 
 // Rows [r0, r1) of an (N, K) weight as float32 into `out` (row r at out + (r - r0) * K): the hand-written AVX-512

@@ -18,6 +18,17 @@ namespace lite_gguf {
 #define LITE_X86 0
 #endif
 
+// Compile the functions between LITE_TARGET_PUSH("avx2,fma") and LITE_TARGET_POP for that instruction set (the
+// rest of the file stays portable; the ISA is chosen at run time). simdjson's pattern.
+#define LITE_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define LITE_TARGET_PUSH(isa) LITE_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define LITE_TARGET_POP LITE_PRAGMA(clang attribute pop)
+#else
+#define LITE_TARGET_PUSH(isa) LITE_PRAGMA(GCC push_options) LITE_PRAGMA(GCC target(isa))
+#define LITE_TARGET_POP LITE_PRAGMA(GCC pop_options)
+#endif
+
 // Instruction-set levels, best last.
 enum Isa : int { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512VNNI = 2, ISA_COUNT = 3 };
 

@@ -32,12 +32,7 @@ constexpr int64_t NP = 48;         // weight rows per panel (3 vectors of 16)
 } // namespace
 
 #if LITE_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
-#endif
+LITE_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #include <immintrin.h>
 namespace i8 {
 
@@ -239,11 +234,7 @@ static void gemm(const uint8_t* a, const float* sx, int64_t M, int64_t K, const 
     });
 }
 } // namespace i8
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+LITE_TARGET_POP
 #endif // LITE_X86
 
 namespace {

@@ -4,12 +4,7 @@
 #if LITE_X86
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#endif
+LITE_TARGET_PUSH("avx2,fma,f16c")
 
 namespace lite_gguf {
 namespace avx2 {
@@ -19,10 +14,6 @@ namespace avx2 {
 } // namespace avx2
 } // namespace lite_gguf
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+LITE_TARGET_POP
 
 #endif // no x86: the table has no entries for this ISA

@@ -5,12 +5,7 @@
 #if LITE_X86
 #include <immintrin.h>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
-#endif
+LITE_TARGET_PUSH("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 
 namespace lite_gguf {
 namespace avx512 {
@@ -20,10 +15,6 @@ namespace avx512 {
 } // namespace avx512
 } // namespace lite_gguf
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+LITE_TARGET_POP
 
 #endif // no x86: the table has no entries for this ISA

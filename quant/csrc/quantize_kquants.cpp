@@ -15,20 +15,11 @@ namespace base {
 } // namespace base
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#endif
+LITE_TARGET_PUSH("avx2")
 namespace avx2 {
 #include "quantize_kquants.inc"
 } // namespace avx2
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+LITE_TARGET_POP
 #define LITE_HAVE_AVX2 1
 #endif
 
