@@ -90,6 +90,24 @@ def test_int8_linear_is_the_exact_product_of_the_codes(vnni, qtype: Q) -> None:
     assert np.linalg.norm(y.numpy() - exact) <= 0.03 * np.linalg.norm(exact)
 
 
+def test_panel_width_follows_the_threads_and_changes_nothing(vnni) -> None:
+    """Many threads and few weight rows take 32- or 16-row panels (work for every thread); the products are summed
+    in the same order, so the result is bit-identical."""
+    rng = np.random.default_rng()
+    n, k, m = 1408, 512, int(rng.integers(9, 60))
+    raw = torch.from_numpy(random_raw(Q.Q4_K, (n, k), rng).copy())
+    qx = prefill.quantize_acts(torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)))
+    before = torch.get_num_threads()
+    try:
+        ys = []
+        for threads in (1, 10, 16):  # 48-, 32- and 16-row panels
+            torch.set_num_threads(threads)
+            ys.append(prefill.int8_linear(qx, raw, Q.Q4_K, (n, k)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+
+
 def test_gemm_choice_follows_the_setting_and_the_type(vnni, monkeypatch) -> None:
     """int8: gguf_linear is the int8 GEMM (bit for bit), except for Q8_0 and shapes its tiles do not fit; bf16:
     the expanded bf16 GEMM; anything else is refused with the variable's name."""

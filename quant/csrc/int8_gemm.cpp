@@ -211,7 +211,12 @@ static void rows_of_x(const uint8_t* a, const float* sx, int64_t M, int64_t K, c
 
 static void gemm(const uint8_t* a, const float* sx, int64_t M, int64_t K, const TypeTraits& t, const uint8_t* raw,
                  int64_t N, float* out) {
-    const int64_t panels = (N + NP - 1) / NP, nch = chunks(K);
+    // Panels of 48 rows reuse each activation broadcast three times; with many threads and few rows (an expert:
+    // 1408 rows = 30 panels for 16 threads, two rounds with 14 threads idle in the second) narrower panels give
+    // every thread work. The result does not depend on it: each output sums the same products in the same order.
+    const int64_t threads = at::get_num_threads(), nch = chunks(K);
+    const int64_t np = N >= 3 * threads * NP ? NP : N >= 3 * threads * 32 ? 32 : 16;
+    const int64_t panels = (N + np - 1) / np;
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         thread_local Scratch tls;
         tls.rows.resize(std::max<size_t>(tls.rows.size(), K));
@@ -222,8 +227,8 @@ static void gemm(const uint8_t* a, const float* sx, int64_t M, int64_t K, const 
         tls.inv.resize(std::max<size_t>(tls.inv.size(), nch));
         const Bufs s{tls.rows.data(), tls.codes.data(), tls.panel.data(), tls.sw.data(), tls.corr.data(), tls.inv.data()};
         for (int64_t p = p0; p < p1; p++) {
-            const int64_t n0 = p * NP;
-            const int nv = (int)(std::min(NP, N - n0) / 16);
+            const int64_t n0 = p * np;
+            const int nv = (int)(std::min(np, N - n0) / 16);
             pack_panel(t, raw, K, n0, nv, s);
             switch (nv) {
             case 3: rows_of_x<3>(a, sx, M, K, s, out + n0, N); break;
