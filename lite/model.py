@@ -154,8 +154,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start:
         if scores.shape[1] > 1 or seen > start + t0 + t:  # causal: query t0+i sees rows 0..start+t0+i
             rows = torch.arange(seen, device=keys.device)
             future = rows[None, :] > (start + t0 + torch.arange(scores.shape[1], device=keys.device))[:, None]
-            scores = scores.masked_fill(future, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)  # [H, t, seen]
+            scores.masked_fill_(future, float("-inf"))  # in place: a fresh tensor, one pass fewer
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)  # [H, t, seen], float32 inside
         if shared:
             out.append((probs.view(H * t, seen) @ values[:seen]).view(H, t, -1))
         else:
