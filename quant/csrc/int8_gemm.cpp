@@ -6,8 +6,10 @@
 //   - x per (row, chunk) symmetric: xq = rint(x * 127 / absmax) in [-127, 127], stored as xq + 128 (unsigned,
 //     vpdpbusd's first operand), with sx = absmax / 127; llama.cpp's Q8_K is the same idea in blocks of 256;
 //   - W decoded from its blocks and requantized the same way per (weight row, chunk): codes wq, scale sw. The
-//     rounding step (absmax / 127) is ~8x finer than a 4-bit block's own step, so this adds ~0.4 % to the
-//     variance of the error the file already carries (and less than bf16 rounding of the activations does).
+//     rounding step (absmax / 127) is ~8x finer than a 4-bit block's own step: a small addition to the error the
+//     file carries, but comparable to the activations' own rounding, so this GEMM's error is ~1.3x that of the
+//     8-bit decode kernels (llama.cpp's numerics) and ~3x bf16's (benchmarks/prefill_accuracy.py). CHUNK = 64
+//     cut it by a tenth at ~5 % of prefill speed.
 // y[m, n] = sum_c sx[m, c] * sw[n, c] * (sum_k (xq + 128) * wq - 128 * sum_k wq), the last sum kept per (n, c).
 //
 // Shape of the work: W is decoded a panel of 48 rows at a time into the layout vpdpbusd wants (4 consecutive k of
