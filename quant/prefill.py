@@ -64,7 +64,7 @@ def _vnni() -> bool:
 @functools.cache
 def _auto_kind() -> str:
     """Measured once per process: both GEMMs on one V2-Lite expert's gate (Q4_K 1408x2048) times 48 rows, at the
-    current thread count (~20 ms). AMX CPUs run oneDNN's bf16 on tiles and keep bf16; AVX512-VNNI without AMX
+    current thread count (~40 ms). AMX CPUs run oneDNN's bf16 on tiles and keep bf16; AVX512-VNNI without AMX
     (Zen 4/5, Ice Lake) measured int8 1.6x faster (benchmarks/README.md, "Prompt processing")."""
     if not _vnni():
         return "bf16"
