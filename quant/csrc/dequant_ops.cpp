@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "gguf_kernels.h"
+#include "weight_checks.h"
 
 // a*b - c must round twice, as the reference does: no FMA contraction in this translation unit
 #if defined(__GNUC__) && !defined(__clang__)
@@ -184,15 +185,11 @@ void dequantize_rows_f32(const TypeTraits& t, const uint8_t* raw, int64_t K, int
 namespace {
 
 void dequantize_into(const at::Tensor& raw, int64_t qtype, const at::Tensor& out, int64_t isa) {
-    const TypeTraits* t = type_traits((int)qtype);
-    TORCH_CHECK(t && t->dequantize, "cannot dequantize GGUF type id ", qtype, " natively");
     TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.device().is_cpu(), "out must be a contiguous 2-D CPU tensor");
     const bool bf16 = out.scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16 || out.scalar_type() == at::kFloat, "out must be float32 or bfloat16");
     const int64_t N = out.size(0), K = out.size(1);
-    TORCH_CHECK(K % t->block == 0, "rows of ", K, " values are not whole blocks of ", t->block);
-    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == N * (K / t->block) * t->bytes,
-                "raw must be ", N * (K / t->block) * t->bytes, " contiguous bytes, got ", raw.numel());
+    const TypeTraits* t = &checked_weight(raw, qtype, N, K);
     const uint8_t* src = raw.data_ptr<uint8_t>();
     void* dst = out.data_ptr();
     // the hand-written forms need AVX-512 (F/BW/VL): the level the kernels detected once, capped by LITE_NATIVE_ISA

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "gguf_kernels.h"
+#include "weight_checks.h"
 
 namespace lite_gguf {
 namespace {
@@ -100,7 +101,7 @@ static inline void transpose16(__m512i r[16]) {
 
 // Per-thread scratch, grown on demand and kept: no allocation (or page faults) per panel.
 struct Scratch {
-    std::vector<float> rows;     // [K] one decoded weight row
+    std::vector<float> row;      // [K] one decoded weight row
     std::vector<int8_t> codes;   // [16][K] their codes
     std::vector<int8_t> panel;   // [K / 4][NP][4] the panel in vpdpbusd's layout
     std::vector<float> sw;       // [chunks][NP]
@@ -221,13 +222,13 @@ static void gemm(const uint8_t* a, const float* sx, int64_t M, int64_t K, const 
     const int64_t panels = (N + np - 1) / np;
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         thread_local Scratch tls;
-        tls.rows.resize(std::max<size_t>(tls.rows.size(), K));
+        tls.row.resize(std::max<size_t>(tls.row.size(), K));
         tls.codes.resize(std::max<size_t>(tls.codes.size(), 16 * K));
         tls.panel.resize(std::max<size_t>(tls.panel.size(), NP * K));
         tls.sw.resize(std::max<size_t>(tls.sw.size(), NP * nch));
         tls.corr.resize(std::max<size_t>(tls.corr.size(), NP * nch));
         tls.inv.resize(std::max<size_t>(tls.inv.size(), nch));
-        const Bufs s{tls.rows.data(), tls.codes.data(), tls.panel.data(), tls.sw.data(), tls.corr.data(), tls.inv.data()};
+        const Bufs s{tls.row.data(), tls.codes.data(), tls.panel.data(), tls.sw.data(), tls.corr.data(), tls.inv.data()};
         for (int64_t p = p0; p < p1; p++) {
             const int64_t n0 = p * np;
             const int nv = (int)(std::min(np, N - n0) / 16);
@@ -286,15 +287,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_acts_u8(const at::Tensor& x) {
 // y [M, N] float32 = dequant(x codes, scales) @ requant(W).T, W (N, K) in GGUF blocks of `qtype` (N % 16 == 0).
 at::Tensor int8_linear(const at::Tensor& q, const at::Tensor& s, const at::Tensor& raw, int64_t qtype, int64_t N) {
     TORCH_CHECK(vnni(), "int8_linear needs AVX512-VNNI");
-    const TypeTraits* t = type_traits((int)qtype);
-    TORCH_CHECK(t && t->dequantize, "cannot dequantize GGUF type id ", qtype, " natively");
     TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(), "q must be contiguous uint8 [M, K]");
     const int64_t M = s.size(0), K = q.size(1), nch = (K + CHUNK - 1) / CHUNK;
-    TORCH_CHECK(K % 64 == 0 && K % t->block == 0 && N % 16 == 0, "int8_linear needs K % 64 == 0 and N % 16 == 0");
+    TORCH_CHECK(K % 64 == 0 && N % 16 == 0, "int8_linear needs K % 64 == 0 and N % 16 == 0");
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.is_contiguous() && s.numel() == M * nch, "s must be float32 [M, ", nch, "]");
     TORCH_CHECK(q.size(0) == (M + MR - 1) / MR * MR, "q must come from quantize_acts_u8");
-    TORCH_CHECK(raw.scalar_type() == at::kByte && raw.is_contiguous() && raw.numel() == N * (K / t->block) * t->bytes,
-                "raw must be ", N * (K / t->block) * t->bytes, " contiguous bytes, got ", raw.numel());
+    const TypeTraits* t = &checked_weight(raw, qtype, N, K);
     at::Tensor out = at::empty({M, N}, q.options().dtype(at::kFloat));
 #if LITE_X86
     if (M > 0) i8::gemm(q.data_ptr<uint8_t>(), s.data_ptr<float>(), M, K, *t, raw.data_ptr<uint8_t>(), N,
