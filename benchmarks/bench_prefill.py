@@ -161,7 +161,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", nargs="+", default=["lite", "llama"], choices=["lite", "llama"])
     p.add_argument("--no-llama-extra-bufts", action="store_true", help="llama.cpp without its repacked weights")
-    p.add_argument("--kernels", action="store_true", help="one expert by rows: 8-bit kernels vs expand + bf16")
+    p.add_argument("--kernels", action="store_true", help="one expert by rows: 8-bit kernels vs the int8 / bf16 GEMMs")
     p.add_argument("--down", default="Q4_0", help="the expert's down type for --kernels (Q4_0, Q8_0, Q6_K, Q4_K)")
     p.add_argument("--rows", type=int, nargs="+", default=[4, 8, 12, 16, 24, 32, 48, 96, 192])
     p.add_argument("--profile", action="store_true")

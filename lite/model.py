@@ -207,7 +207,8 @@ class Transformer:
         q_rope = Rope.rotate(q_rope, cis).transpose(0, 1)  # [H, T, p]
         if expand_heads(args, T, start):
             # keys [H, S', n + p] and values [H, S', v] from every cached row (S' = bucket_rows(S): few GEMM shapes,
-            # zero rows past S): two GEMMs in the cache's dtype
+            # zero rows past S): two GEMMs in the cache's dtype. W_UK / W_UV are laid out for them per chunk, not
+            # kept: a second copy of them would hold ~2 GiB for V2 (60 layers of 128 heads)
             S, dt = kv.shape[0], kv.dtype
             rows = F.pad(kv, (0, 0, 0, bucket_rows(S) - S))  # [S', D]
             c = rows[:, :r]  # [S', r]
